@@ -1,0 +1,216 @@
+"""model-audit command line: parses, calls the API, maps errors to exit codes.
+
+Exit codes: 0 no fail/error finding reaches --fail-on; 1 one does; 2 usage or input error
+(one line on stderr, no traceback); 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from audit import __version__
+from audit.errors import AuditError, first_line
+
+EXIT_OK, EXIT_FINDINGS, EXIT_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.print_usage(sys.stderr)
+        self.exit(EXIT_INPUT, f"model-audit: error: {message}\n")
+
+
+def _csv(text: str) -> list[str]:
+    return [part.strip() for part in text.split(",") if part.strip()]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="model-audit", description="Audit a trained classifier (PyTorch or ONNX) and write a signable report.")
+    parser.add_argument("--version", action="version", version=f"model-audit {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    run = sub.add_parser("run", help="run an audit and write results.json, report.html, report.pdf, junit.xml",
+                         description="Run an audit. Flags override the same keys in --config.")
+    run.add_argument("--model", help="model.onnx, TorchScript .pt/.pth, torch.export .pt2, or package.module:factory / file.py:factory")
+    run.add_argument("--manifest", type=Path, help="CSV, JSONL or Parquet with columns path[, label, id, mask, domain, group]")
+    run.add_argument("--weights", type=Path, help="state dict for a factory model (loaded with weights_only=True)")
+    run.add_argument("--config", type=Path, help="audit.yaml with the same keys, plus probes.<name>.<param> and rules.<id>.thresholds")
+    run.add_argument("--classes", type=Path, help="class names, one per line, in model output order")
+    run.add_argument("--input-size", type=int, nargs=2, metavar=("H", "W"), help="model input height and width")
+    run.add_argument("--channels", type=int, metavar="C", help="model input channels")
+    run.add_argument("--mean", type=float, nargs="+", help="per-channel mean subtracted after scaling to [0, 1]")
+    run.add_argument("--std", type=float, nargs="+", help="per-channel std divided after subtracting the mean")
+    run.add_argument("--layout", choices=["nchw", "nhwc"], help="input layout the model expects (ONNX: read from the file)")
+    run.add_argument("--output-kind", choices=["auto", "logits", "probabilities", "sigmoid"],
+                     help="how to read the output; auto recognises probabilities and single sigmoid outputs (default auto)")
+    run.add_argument("--output-name", help="which ONNX output to audit when there are several")
+    run.add_argument("--data-root", type=Path, action="append", help="extra folder sample paths may point into (repeatable)")
+    run.add_argument("--probes", type=_csv, metavar="NAME,...", help="probes to run (default: all); see `model-audit probes`")
+    run.add_argument("--profile", choices=["smoke", "standard", "thorough"], help="sample counts and method lists (default standard)")
+    run.add_argument("--rules", type=Path, action="append", dest="rule_files", metavar="FILE", help="extra rule file (repeatable)")
+    run.add_argument("--out", type=Path, help="run folder (default reports/<model stem>-<manifest stem>)")
+    run.add_argument("--fail-on", choices=["critical", "high", "medium", "low", "info", "never"],
+                     help="exit 1 when a fail/error finding is at least this severe (default high)")
+    run.add_argument("--device", choices=["auto", "cpu", "cuda"], help="auto uses a GPU when one is visible (default auto)")
+    run.add_argument("--seed", type=int, help="seed for sampling and bootstrap (default 0)")
+    run.add_argument("--max-samples", type=int, help="audit a stratified sample of at most N rows")
+    run.add_argument("--batch-size", type=int, help="forward-pass batch size (default 64)")
+    run.add_argument("--no-sample-images", action="store_true", help="keep every input image, thumbnail and heatmap out of the reports")
+    run.add_argument("--quiet", action="store_true", help="no progress bars or summary")
+
+    render = sub.add_parser("render", help="re-render the reports of a saved run (no model needed)")
+    render.add_argument("run_dir", type=Path)
+    render.add_argument("--format", type=_csv, default=["html", "pdf", "junit"], metavar="html,pdf,junit")
+
+    rules = sub.add_parser("rules", help="the rule catalogue")
+    rules_sub = rules.add_subparsers(dest="rules_command", required=True, parser_class=_Parser)
+    rules_list = rules_sub.add_parser("list", help="print the built-in rules (and any --rules files)")
+    rules_list.add_argument("--rules", type=Path, action="append", dest="rule_files", default=[], metavar="FILE")
+    rules_check = rules_sub.add_parser("check", help="validate rule files")
+    rules_check.add_argument("files", type=Path, nargs="+")
+
+    sub.add_parser("probes", help="list the probes and their parameters")
+
+    demo = sub.add_parser("demo", help="generate the husky-vs-wolf demo, train a small CNN, export to ONNX and audit it")
+    demo.add_argument("--out", type=Path, default=Path("reports/demo"))
+    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--profile", choices=["smoke", "standard", "thorough"], default="standard")
+    demo.add_argument("--quiet", action="store_true")
+    return parser
+
+
+_FLAG_KEYS = ("model", "manifest", "weights", "input_size", "channels", "mean", "std", "layout", "output_kind", "output_name",
+              "data_root", "probes", "profile", "rule_files", "out", "fail_on", "device", "seed", "max_samples", "batch_size")
+
+
+def config_from_args(args: argparse.Namespace) -> Any:
+    from audit.config import build_config, read_classes_file, read_config_file
+
+    file_values = read_config_file(args.config) if args.config else {}
+    flags: dict[str, Any] = {key: getattr(args, key) for key in _FLAG_KEYS}
+    if args.classes is not None:
+        flags["classes"] = read_classes_file(args.classes)
+    if args.no_sample_images:
+        flags["sample_images"] = False
+    if args.quiet:
+        flags["quiet"] = True
+    return build_config(file_values, flags, source=str(args.config) if args.config else "flags")
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from audit.api import run_audit
+
+    config = config_from_args(args)
+    outcome = run_audit(config)
+    if not config.quiet:
+        _print_summary(outcome)
+    if outcome.render_error:
+        print(f"model-audit: {outcome.render_error}", file=sys.stderr)
+    return outcome.exit_code
+
+
+def _print_summary(outcome: Any) -> None:
+    results = outcome.results
+    counts: dict[str, int] = {}
+    for finding in results["findings"]:
+        counts[finding["status"]] = counts.get(finding["status"], 0) + 1
+    summary = ", ".join(f"{counts[s]} {s}" for s in ("error", "fail", "warn", "waived", "pass", "skipped") if counts.get(s))
+    print(f"verdict: {results['run']['verdict']} ({summary})")
+    for finding in results["findings"]:
+        if finding["status"] in ("error", "fail", "warn"):
+            print(f"  {finding['status'].upper():5} {finding['severity']:8} {finding['rule']} [{finding['scope']}]: {finding['message']}")
+    skipped = len(results["manifest"]["skipped"])
+    if skipped:
+        print(f"{skipped} manifest row(s) skipped; listed in the report")
+    for name, path in outcome.reports.items():
+        print(f"{name}: {path}")
+    print(f"results: {outcome.out / 'results.json'}")
+
+
+def _cmd_render(args: argparse.Namespace) -> int:
+    from audit.api import render
+
+    bad = [f for f in args.format if f not in ("html", "pdf", "junit")]
+    if bad:
+        raise _usage(f"--format: unknown format {bad[0]!r} (html, pdf, junit)")
+    for name, path in render(args.run_dir, args.format).items():
+        print(f"{name}: {path}")
+    return EXIT_OK
+
+
+def _cmd_rules(args: argparse.Namespace) -> int:
+    from audit.rules.catalogue import load_catalogue
+    from audit.rules.engine import threshold_text
+    from audit.rules.schema import load_rule_file
+
+    if args.rules_command == "check":
+        for path in args.files:
+            print(f"{path}: {len(load_rule_file(path))} rule(s) valid")
+        return EXIT_OK
+    for rule in load_catalogue(args.rule_files):
+        per = rule.aggregate.per + (f", {rule.aggregate.stat} of samples" if rule.aggregate.stat else "")
+        limits = "; ".join(f"{t.status}/{t.severity} if {threshold_text(t.op, t.value)}" for t in rule.thresholds)
+        print(f"{rule.id} (v{rule.version}): {rule.title}")
+        print(f"    metric {rule.metric} per {per}, min_support {rule.min_support}: {limits}")
+    return EXIT_OK
+
+
+def _cmd_probes(_: argparse.Namespace) -> int:
+    from audit.probes.registry import all_probes
+
+    for name, cls in all_probes().items():
+        needs = ", ".join(sorted(c.value for c in cls.requires)) or "nothing beyond a forward pass"
+        print(f"{name}: {cls.title} (needs {needs})")
+        for field_name, field in cls.Params.model_fields.items():
+            defaults = {p: d[field_name] for p, d in cls.profile_defaults.items() if field_name in d}
+            shown = ", ".join(f"{p} {v}" for p, v in defaults.items()) or str(field.default)
+            print(f"    {field_name}: {field.description or ''} (default {shown})")
+    return EXIT_OK
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from audit.demo import run_demo
+
+    outcome = run_demo(args.out, seed=args.seed, profile=args.profile, quiet=args.quiet)
+    if not args.quiet:
+        _print_summary(outcome)
+    if outcome.render_error:
+        print(f"model-audit: {outcome.render_error}", file=sys.stderr)
+        return EXIT_FINDINGS
+    return EXIT_OK
+
+
+class _usage(AuditError):
+    pass
+
+
+COMMANDS = {"run": _cmd_run, "render": _cmd_render, "rules": _cmd_rules, "probes": _cmd_probes, "demo": _cmd_demo}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except KeyboardInterrupt:
+        print("model-audit: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except AuditError as exc:
+        print(f"model-audit: error: {exc}", file=sys.stderr)
+        return EXIT_INPUT
+    except BrokenPipeError:
+        return EXIT_OK
+    except Exception as exc:  # noqa: BLE001 - an unexpected failure is still one line, with how to get details
+        print(f"model-audit: internal error: {first_line(exc)} (please report it; rerun with MODEL_AUDIT_DEBUG=1 for a traceback)", file=sys.stderr)
+        import os
+
+        if os.environ.get("MODEL_AUDIT_DEBUG"):
+            raise
+        return EXIT_INPUT
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,247 @@
+"""AuditConfig: one validated object from a YAML file and CLI flags (flags win).
+
+The config is saved verbatim into results.json, so a run says exactly what it checked.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from audit.errors import InputError
+from audit.rules.schema import Threshold
+
+Severity = Literal["critical", "high", "medium", "low", "info"]
+SEVERITIES: tuple[str, ...] = ("critical", "high", "medium", "low", "info")
+SEVERITY_RANK: dict[str, int] = {s: len(SEVERITIES) - i for i, s in enumerate(SEVERITIES)}
+FailOn = Literal["critical", "high", "medium", "low", "info", "never"]
+Profile = Literal["smoke", "standard", "thorough"]
+OutputKind = Literal["auto", "logits", "probabilities", "sigmoid"]
+Layout = Literal["nchw", "nhwc"]
+Device = Literal["auto", "cpu", "cuda"]
+
+# Keys whose values are file paths; relative ones resolve against the config file's folder.
+_PATH_KEYS = ("model", "manifest", "weights", "out")
+_PATH_LIST_KEYS = ("data_root", "rule_files")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ModelCard(_Strict):
+    """Model-card facts shown on the report cover (Mitchell et al. 2019)."""
+
+    name: str | None = None
+    version: str | None = None
+    owner: str | None = None
+    intended_use: str | None = None
+    training_data: str | None = None
+    limitations: str | None = None
+
+
+class RuleOverride(_Strict):
+    """Per-rule changes from the config: `rules.<id>.thresholds` and friends."""
+
+    enabled: bool = True
+    thresholds: list[Threshold] | None = None
+    min_support: int | None = Field(default=None, ge=0)
+
+
+class Waiver(_Strict):
+    """An accepted risk: the finding stays in the report, marked waived, with who and why."""
+
+    rule: str
+    scope: str = "global"
+    reason: str
+    by: str
+    expires: str | None = None  # ISO date; an expired waiver no longer applies
+
+
+class AuditConfig(_Strict):
+    model: Path
+    manifest: Path
+    weights: Path | None = None
+    classes: list[str] | None = None
+    input_size: tuple[int, int] | None = None
+    channels: int | None = Field(default=None, ge=1)
+    mean: list[float] | None = None
+    std: list[float] | None = None
+    layout: Layout | None = None
+    output_kind: OutputKind = "auto"
+    output_name: str | None = None
+    data_root: list[Path] = Field(default_factory=list)
+    probes: list[str] | None = None
+    probe_params: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    profile: Profile = "standard"
+    rules: dict[str, RuleOverride] = Field(default_factory=dict)
+    rule_files: list[Path] = Field(default_factory=list)
+    waivers: list[Waiver] = Field(default_factory=list)
+    out: Path | None = None
+    fail_on: FailOn = "high"
+    device: Device = "auto"
+    seed: int = 0
+    max_samples: int | None = Field(default=None, ge=1)
+    sample_images: bool = True
+    quiet: bool = False
+    batch_size: int = Field(default=64, ge=1)
+    workers: int = Field(default=2, ge=0)
+    reference_domain: str | None = None
+    model_card: ModelCard | None = None
+
+    @field_validator("input_size")
+    @classmethod
+    def _positive_size(cls, v: tuple[int, int] | None) -> tuple[int, int] | None:
+        if v is not None and (v[0] < 1 or v[1] < 1):
+            raise ValueError("input_size must be two positive integers H W")
+        return v
+
+    @field_validator("std")
+    @classmethod
+    def _nonzero_std(cls, v: list[float] | None) -> list[float] | None:
+        if v is not None and any(s == 0 for s in v):
+            raise ValueError("std must not contain 0")
+        return v
+
+    @model_validator(mode="after")
+    def _channels_match_normalisation(self) -> AuditConfig:
+        for key in ("mean", "std"):
+            values = getattr(self, key)
+            if values is not None and self.channels is not None and len(values) not in (1, self.channels):
+                raise ValueError(f"{key} has {len(values)} values but channels is {self.channels}")
+        return self
+
+    def resolved_out(self) -> Path:
+        """Deterministic default so a re-run of the same model and manifest finds its earlier run."""
+        if self.out is not None:
+            return self.out
+        return Path("reports") / f"{_model_stem(self.model)}-{Path(self.manifest).stem}"
+
+    def public_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+
+def _model_stem(model: Path) -> str:
+    text = str(model)
+    if ":" in text and not Path(text).exists():  # package.module:factory or file.py:factory
+        module, _, factory = text.rpartition(":")
+        return f"{Path(module).stem.split('.')[-1]}.{factory}"
+    return Path(text).stem
+
+
+def read_config_file(path: Path) -> dict[str, Any]:
+    """Read audit.yaml into the flat key space of AuditConfig, paths made absolute."""
+    try:
+        raw = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise InputError(f"{path}: config file not found") from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark is not None else ""
+        raise InputError(f"{path}:{where} not valid YAML ({getattr(exc, 'problem', exc)})") from None
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise InputError(f"{path}: the config must be a mapping of keys to values")
+    base = Path(path).resolve().parent
+    data = {str(k).replace("-", "_"): v for k, v in raw.items()}
+
+    probes = data.pop("probes", None)
+    if isinstance(probes, list):
+        data["probes"] = [str(p) for p in probes]
+    elif isinstance(probes, dict):
+        params = {}
+        enabled = []
+        for name, value in probes.items():
+            value = dict(value or {})
+            if value.pop("enabled", True):
+                enabled.append(str(name))
+            params[str(name)] = value
+        data["probe_params"] = params
+    elif probes is not None:
+        raise InputError(f"{path}: key 'probes' must be a list of probe names or a mapping of probe parameters")
+
+    rules = data.pop("rules", None)
+    if isinstance(rules, list):
+        data.setdefault("rule_files", []).extend(rules)
+    elif isinstance(rules, dict):
+        data["rules"] = rules
+    elif rules is not None:
+        raise InputError(f"{path}: key 'rules' must be a list of rule files or a mapping of rule overrides")
+
+    if isinstance(data.get("classes"), str):
+        data["classes"] = read_classes_file(_absolute(base, data["classes"]))
+    if isinstance(data.get("data_root"), str):
+        data["data_root"] = [data["data_root"]]
+    for key in _PATH_KEYS:
+        if isinstance(data.get(key), str):
+            data[key] = _absolute(base, data[key], allow_factory=key == "model")
+    for key in _PATH_LIST_KEYS:
+        if isinstance(data.get(key), list):
+            data[key] = [_absolute(base, p) for p in data[key]]
+    return data
+
+
+def _absolute(base: Path, value: str, allow_factory: bool = False) -> str:
+    if allow_factory and ":" in value and not value.endswith((".onnx", ".pt", ".pth", ".pt2")):
+        module, _, factory = value.rpartition(":")
+        if module.endswith(".py"):
+            return f"{_absolute(base, module)}:{factory}"
+        return value
+    p = Path(value).expanduser()
+    return str(p if p.is_absolute() else base / p)
+
+
+def read_classes_file(path: Path | str) -> list[str]:
+    """One class name per line, in model output order; blank lines and '#' comments ignored."""
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except FileNotFoundError:
+        raise InputError(f"{path}: classes file not found") from None
+    except UnicodeDecodeError:
+        raise InputError(f"{path}: classes file is not UTF-8 text") from None
+    names = [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
+    if not names:
+        raise InputError(f"{path}: classes file lists no class names")
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise InputError(f"{path}: class name {duplicates[0]!r} appears more than once")
+    return names
+
+
+def build_config(file_values: dict[str, Any], flag_values: dict[str, Any], source: str = "config") -> AuditConfig:
+    """Merge config-file values with flags (flags that were given win) and validate."""
+    merged = dict(file_values)
+    for key, value in flag_values.items():
+        if value is None or (isinstance(value, list) and not value and key in merged):
+            continue
+        if key == "rule_files":
+            merged["rule_files"] = list(merged.get("rule_files", [])) + list(value)
+        elif key == "data_root":
+            merged["data_root"] = list(merged.get("data_root", [])) + list(value)
+        else:
+            merged[key] = value
+    for required in ("model", "manifest"):
+        if merged.get(required) in (None, ""):
+            raise InputError(f"missing --{required} (or '{required}:' in the config file)")
+    try:
+        return AuditConfig.model_validate(merged)
+    except ValidationError as exc:
+        raise InputError(describe_validation_error(exc, source)) from None
+
+
+def describe_validation_error(exc: ValidationError, source: str) -> str:
+    """One line: the first problem with its dotted key, plus how many more there are."""
+    errors = exc.errors()
+    first = errors[0]
+    key = ".".join(str(p) for p in first["loc"]) or "(top level)"
+    if first["type"] == "extra_forbidden":
+        text = f"{source}: unknown key '{key}'"
+    else:
+        text = f"{source}: key '{key}': {first['msg']}"
+    if len(errors) > 1:
+        text += f" (and {len(errors) - 1} more problem{'s' if len(errors) > 2 else ''})"
+    return text

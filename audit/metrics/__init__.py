@@ -1,0 +1,1 @@
+"""Pure metric functions and the flat metric naming scheme (no torch)."""

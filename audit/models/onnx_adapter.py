@@ -1,0 +1,365 @@
+"""ONNX models: inference through onnxruntime, gradients through an onnx2torch conversion.
+
+Real-world files are messy: old opsets, a batch dimension fixed to 1, inputs named anything,
+several outputs, channels-last layouts. The adapter copes with each, and when the conversion to
+torch fails or disagrees with onnxruntime, gradient capabilities are withdrawn with the reason.
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+
+from audit.errors import InputError, ModelLoadError, first_line
+from audit.models.base import Capability, InputSpec, ModelAdapter, ModelFile
+
+CONVERTER_OPSETS = (17, 13)  # opsets onnx2torch covers well; other files are converted to these first
+AGREEMENT_TOLERANCE = 1e-3
+
+
+def _static_dims(value_info: onnx.ValueInfoProto) -> list[int | str | None]:
+    dims: list[int | str | None] = []
+    for dim in value_info.type.tensor_type.shape.dim:
+        if dim.HasField("dim_value"):
+            dims.append(int(dim.dim_value))
+        elif dim.HasField("dim_param"):
+            dims.append(dim.dim_param)
+        else:
+            dims.append(None)
+    return dims
+
+
+def _opset(model: onnx.ModelProto) -> int:
+    for entry in model.opset_import:
+        if entry.domain in ("", "ai.onnx"):
+            return int(entry.version)
+    return 0
+
+
+def _external_files(model: onnx.ModelProto, base: Path) -> list[Path]:
+    files = set()
+    for tensor in model.graph.initializer:
+        if tensor.data_location == onnx.TensorProto.EXTERNAL:
+            for entry in tensor.external_data:
+                if entry.key == "location":
+                    files.add((base / entry.value).resolve())
+    return sorted(files)
+
+
+def infer_input_spec(dims: list[int | str | None], name: str, layout: str | None) -> InputSpec:
+    """Channels, size and layout from the static input shape, where the file fixes them."""
+    spec = InputSpec(name=name)
+    if dims and isinstance(dims[0], int) and dims[0] > 0:
+        spec.fixed_batch = dims[0]
+    if len(dims) == 4:
+        c_first, c_last = dims[1], dims[3]
+        if layout is None:
+            if isinstance(c_first, int) and c_first <= 4:
+                layout = "nchw"
+            elif isinstance(c_last, int) and c_last <= 4:
+                layout = "nhwc"
+            else:
+                layout = "nchw"
+        spec.layout = layout
+        c, h, w = (dims[1], dims[2], dims[3]) if layout == "nchw" else (dims[3], dims[1], dims[2])
+        spec.channels = c if isinstance(c, int) and c > 0 else None
+        if isinstance(h, int) and isinstance(w, int) and h > 0 and w > 0:
+            spec.size = (h, w)
+    elif len(dims) == 3:
+        spec.layout = "nhw"
+        spec.channels = 1
+        if all(isinstance(d, int) and d > 0 for d in dims[1:]):
+            spec.size = (int(dims[1]), int(dims[2]))  # type: ignore[arg-type]
+    elif len(dims) == 2:
+        spec.layout = "flat"
+    else:
+        spec.layout = layout or "nchw"
+    return spec
+
+
+def to_model_layout(x: np.ndarray, layout: str | None, rank_shape: list[int | str | None]) -> np.ndarray:
+    """NCHW float32 to whatever the graph's input wants."""
+    if layout == "nhwc":
+        return np.ascontiguousarray(x.transpose(0, 2, 3, 1))
+    if layout == "nhw":
+        return np.ascontiguousarray(x[:, 0])
+    if layout == "flat":
+        return np.ascontiguousarray(x.reshape(x.shape[0], -1))
+    return x
+
+
+def _make_session(model: onnx.ModelProto, providers: list[str]) -> ort.InferenceSession:
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    return ort.InferenceSession(model.SerializeToString(), sess_options=options, providers=providers)
+
+
+def _providers(device: str) -> list[str]:
+    available = ort.get_available_providers()
+    if device == "cuda" and "CUDAExecutionProvider" in available:
+        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    return ["CPUExecutionProvider"]
+
+
+def _free_batch_dimension(model: onnx.ModelProto, input_name: str) -> onnx.ModelProto:
+    """A copy whose input and outputs have a symbolic batch dimension (stale shape hints dropped)."""
+    rewritten = copy.deepcopy(model)
+    for value in list(rewritten.graph.input) + list(rewritten.graph.output):
+        if value.name == input_name or value in rewritten.graph.output:
+            dims = value.type.tensor_type.shape.dim
+            if len(dims):
+                dims[0].Clear()
+                dims[0].dim_param = "batch"
+    del rewritten.graph.value_info[:]
+    return rewritten
+
+
+class OnnxAdapter(ModelAdapter):
+    def __init__(
+        self,
+        session: ort.InferenceSession,
+        input_spec: InputSpec,
+        input_dims: list[int | str | None],
+        output_index: int,
+        files: list[ModelFile],
+        capabilities: dict[Capability, str | None],
+        device: str,
+        notes: list[str],
+        output_names: list[str],
+        opset: int,
+        module: Any | None,
+    ) -> None:
+        super().__init__(format="onnx", files=files, capabilities=capabilities, input_spec=input_spec, device=device, notes=notes)
+        self.session = session
+        self.input_dims = input_dims
+        self.output_index = output_index
+        self.output_names = output_names
+        self.output_name = output_names[output_index]
+        self.opset = opset
+        self._module = module
+
+    def describe(self) -> dict[str, Any]:
+        info = super().describe()
+        info["opset"] = self.opset
+        info["providers"] = self.session.get_providers()
+        return info
+
+    def torch_module(self) -> Any | None:
+        return self._module
+
+    def forward(self, x: np.ndarray, taps: frozenset[str] = frozenset()) -> dict[str, np.ndarray]:
+        unknown = set(taps) - self.supported_taps()
+        if unknown:
+            raise ModelLoadError(f"ONNX models do not provide taps {sorted(unknown)}")
+        feed = to_model_layout(x.astype(np.float32, copy=False), self.input_spec.layout, self.input_dims)
+        size = self.input_spec.fixed_batch
+        if size is None:
+            return {"output": self.session.run([self.output_name], {self.input_spec.name: feed})[0]}
+        chunks = []
+        for start in range(0, feed.shape[0], size):
+            chunk = feed[start : start + size]
+            real = chunk.shape[0]
+            if real < size:
+                chunk = np.concatenate([chunk, np.repeat(chunk[-1:], size - real, axis=0)])
+            chunks.append(self.session.run([self.output_name], {self.input_spec.name: chunk})[0][:real])
+        return {"output": np.concatenate(chunks)}
+
+
+def build_onnx_adapter(
+    path: Path,
+    input_spec_override: InputSpec,
+    output_name: str | None,
+    device: str,
+) -> OnnxAdapter:
+    if not path.is_file():
+        raise InputError(f"{path}: model file not found")
+    try:
+        model = onnx.load(str(path))
+    except Exception as exc:  # noqa: BLE001
+        raise ModelLoadError(f"{path}: not a readable ONNX file ({first_line(exc)})") from None
+    notes: list[str] = []
+    initializers = {t.name for t in model.graph.initializer}
+    inputs = [i for i in model.graph.input if i.name not in initializers]
+    if len(inputs) != 1:
+        names = ", ".join(i.name for i in inputs) or "none"
+        raise ModelLoadError(f"{path}: expected one data input, found {len(inputs)} ({names})")
+    graph_input = inputs[0]
+    dims = _static_dims(graph_input)
+    elem = graph_input.type.tensor_type.elem_type
+    if elem not in (onnx.TensorProto.FLOAT, onnx.TensorProto.UNDEFINED):
+        raise ModelLoadError(f"{path}: input {graph_input.name!r} has element type {onnx.TensorProto.DataType.Name(elem)}; only float32 inputs are supported")
+    spec = infer_input_spec(dims, graph_input.name, input_spec_override.layout)
+    for attr in ("channels", "size"):
+        given = getattr(input_spec_override, attr)
+        found = getattr(spec, attr)
+        if given is not None and found is not None and tuple(np.atleast_1d(given)) != tuple(np.atleast_1d(found)):
+            raise InputError(f"--{'input-size' if attr == 'size' else attr} {given} contradicts the ONNX input {graph_input.name!r}, which fixes {found}")
+        if given is not None:
+            setattr(spec, attr, given)
+
+    output_names = [o.name for o in model.graph.output]
+    if output_name is None:
+        output_index = 0
+        if len(output_names) > 1:
+            notes.append(f"the model has {len(output_names)} outputs ({', '.join(output_names)}); auditing {output_names[0]!r} (choose with --output-name)")
+    elif output_name in output_names:
+        output_index = output_names.index(output_name)
+    else:
+        raise InputError(f"--output-name {output_name!r}: the model's outputs are {', '.join(output_names)}")
+
+    opset = _opset(model)
+    providers = _providers(device)
+    if device == "cuda" and providers[0] != "CUDAExecutionProvider":
+        notes.append("onnxruntime has no CUDA provider here (install onnxruntime-gpu instead of onnxruntime); running on the CPU")
+    try:
+        session = _make_session(model, providers)
+    except Exception as exc:  # noqa: BLE001
+        raise ModelLoadError(f"{path}: onnxruntime cannot load the model ({first_line(exc)})") from None
+
+    if spec.layout == "flat":
+        features = dims[1] if isinstance(dims[1], int) else None
+        if spec.size is None or spec.channels is None:
+            raise InputError(
+                f"{path}: the ONNX input {graph_input.name!r} is flat ({features or '?'} features); "
+                "give --input-size H W and --channels C so that C x H x W matches"
+            )
+        if features is not None and spec.channels * spec.size[0] * spec.size[1] != features:
+            raise InputError(
+                f"{path}: --channels {spec.channels} x --input-size {spec.size[0]} {spec.size[1]} "
+                f"gives {spec.channels * spec.size[0] * spec.size[1]} values; the input {graph_input.name!r} takes {features}"
+            )
+    if spec.size is None:
+        raise InputError(f"{path}: the ONNX input {graph_input.name!r} has no fixed size; give --input-size H W")
+    if spec.channels is None:
+        raise InputError(f"{path}: the ONNX input {graph_input.name!r} has no fixed channel count; give --channels C")
+
+    if spec.fixed_batch is not None:
+        session, spec.fixed_batch = _try_free_batch(model, session, spec, dims, providers, notes, output_names[output_index])
+
+    files = [ModelFile.of(path)] + [ModelFile.of(f) for f in _external_files(model, path.parent)]
+    capabilities, module = _convert(model, session, spec, dims, output_index, device, notes)
+    return OnnxAdapter(session, spec, dims, output_index, files, capabilities, device, notes, output_names, opset, module)
+
+
+def example_input(spec: InputSpec, batch: int, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    channels = spec.channels or 1
+    height, width = spec.size or (1, 1)
+    return rng.standard_normal((batch, channels, height, width)).astype(np.float32)
+
+
+def _try_free_batch(
+    model: onnx.ModelProto,
+    session: ort.InferenceSession,
+    spec: InputSpec,
+    dims: list[int | str | None],
+    providers: list[str],
+    notes: list[str],
+    output: str,
+) -> tuple[ort.InferenceSession, int | None]:
+    """Rewrite a fixed batch dimension to a symbolic one when results stay identical; else keep it."""
+    fixed = spec.fixed_batch
+    try:
+        freed = _make_session(_free_batch_dimension(model, spec.name), providers)
+        x = example_input(spec, fixed + 1) if spec.size else None
+        if x is None:
+            raise ValueError("input size unknown")
+        batched = freed.run([output], {spec.name: to_model_layout(x, spec.layout, dims)})[0]
+        singles = []
+        for start in range(0, x.shape[0], fixed):
+            chunk = x[start : start + fixed]
+            if chunk.shape[0] < fixed:
+                chunk = np.concatenate([chunk, np.repeat(chunk[-1:], fixed - chunk.shape[0], axis=0)])
+            singles.append(session.run([output], {spec.name: to_model_layout(chunk, spec.layout, dims)})[0])
+        reference = np.concatenate(singles)[: x.shape[0]]
+        if batched.shape == reference.shape and np.allclose(batched, reference, rtol=1e-4, atol=1e-5):
+            notes.append(f"the file fixes the batch size to {fixed}; rewritten to a free batch dimension (checked against {fixed}-sample runs)")
+            return freed, None
+        reason = "results changed"
+    except Exception as exc:  # noqa: BLE001
+        reason = f"{first_line(exc)}"
+    notes.append(f"the file fixes the batch size to {fixed} and cannot be rewritten ({reason}); running in chunks of {fixed}")
+    return session, fixed
+
+
+def convert_to_torch(model: onnx.ModelProto, notes: list[str]) -> tuple[Any | None, str]:
+    """onnx2torch at the file's opset, else at the opsets it covers best (17, 13), each tried once."""
+    from onnx2torch import convert
+
+    native = _opset(model)
+    attempts = [native] + [v for v in CONVERTER_OPSETS if v != native]
+    first_error = ""
+    for opset in attempts:
+        try:
+            candidate = model if opset == native else onnx.version_converter.convert_version(model, opset)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                graph_module = convert(candidate)
+        except Exception as exc:  # noqa: BLE001
+            first_error = first_error or first_line(exc)
+            continue
+        if opset != native:
+            notes.append(f"opset {native} converted to opset {opset} for onnx2torch")
+        return graph_module, ""
+    return None, f"onnx2torch cannot convert the model ({first_error})"
+
+
+def _convert(
+    model: onnx.ModelProto,
+    session: ort.InferenceSession,
+    spec: InputSpec,
+    dims: list[int | str | None],
+    output_index: int,
+    device: str,
+    notes: list[str],
+) -> tuple[dict[Capability, str | None], Any | None]:
+    """onnx2torch conversion, upgraded from old opsets if needed, verified against onnxruntime."""
+    import torch
+
+    from audit.models.torch_adapter import FixedBatch, InputLayout, SelectOutput, gradient_reason, relu_module_reason
+
+    def unavailable(reason: str) -> tuple[dict[Capability, str | None], None]:
+        notes.append(f"gradient probes unavailable: {reason}")
+        return {c: reason for c in Capability}, None
+
+    graph_module, reason = convert_to_torch(model, notes)
+    if graph_module is None:
+        return unavailable(reason)
+    module: torch.nn.Module = graph_module
+    if len(model.graph.output) > 1:
+        module = SelectOutput(module, output_index)
+    module = InputLayout(module, spec.layout)
+    if spec.fixed_batch is not None:
+        module = FixedBatch(module, spec.fixed_batch)
+    module = module.eval().to(device)
+    for p in module.parameters():
+        p.requires_grad_(False)
+
+    x = example_input(spec, 2 if spec.fixed_batch is None else spec.fixed_batch)
+    try:
+        with torch.no_grad():
+            torch_out = module(torch.from_numpy(x).to(device)).float().cpu().numpy()
+        feed = to_model_layout(x, spec.layout, dims)
+        size = spec.fixed_batch or x.shape[0]
+        ort_out = session.run([model.graph.output[output_index].name], {spec.name: feed[:size]})[0]
+    except Exception as exc:  # noqa: BLE001
+        return unavailable(f"the converted model does not run ({first_line(exc)})")
+    scale = float(np.abs(ort_out).max()) or 1.0
+    diff = float(np.abs(torch_out.reshape(ort_out.shape) - ort_out).max()) / scale if torch_out.size == ort_out.size else float("inf")
+    if not diff <= AGREEMENT_TOLERANCE:
+        return unavailable(f"the onnx2torch conversion disagrees with onnxruntime (max relative difference {diff:.2g})")
+    notes.append(f"converted with onnx2torch for gradient probes (agrees with onnxruntime to {diff:.1g})")
+    example = torch.from_numpy(x).to(device)
+    capabilities: dict[Capability, str | None] = {
+        Capability.GRADIENTS: gradient_reason(module, example),
+        Capability.HOOKS: None,
+        Capability.NAMED_LAYERS: None,
+        Capability.RELU_MODULES: relu_module_reason(module, example),
+    }
+    return capabilities, module if capabilities[Capability.GRADIENTS] is None else None

@@ -1,0 +1,405 @@
+"""PyTorch models: TorchScript files, torch.export programs, and Python factories with state dicts."""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import importlib.util
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.overrides import TorchFunctionMode
+
+from audit.errors import InputError, ModelLoadError, first_line
+from audit.models.base import Capability, InputSpec, ModelAdapter, ModelFile
+
+LAYER_TAP = "layer:"
+
+
+class InputLayout(nn.Module):
+    """Lets probes feed NCHW to a model that wants NHWC, N x H x W or flat input."""
+
+    def __init__(self, inner: nn.Module, layout: str | None) -> None:
+        super().__init__()
+        self.inner = inner
+        self.layout = layout
+
+    def forward(self, x: torch.Tensor) -> Any:
+        if self.layout == "nhwc":
+            x = x.permute(0, 2, 3, 1)
+        elif self.layout == "nhw":
+            x = x[:, 0]
+        elif self.layout == "flat":
+            x = x.reshape(x.shape[0], -1)
+        out = self.inner(x)
+        return out[0] if isinstance(out, (tuple, list)) and len(out) == 1 else out
+
+
+class SelectOutput(nn.Module):
+    """Picks one output of a multi-output module, so captum sees a single tensor."""
+
+    def __init__(self, inner: nn.Module, index: int) -> None:
+        super().__init__()
+        self.inner = inner
+        self.index = index
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.inner(x)
+        if isinstance(out, dict):
+            return list(out.values())[self.index]
+        if isinstance(out, (tuple, list)):
+            return out[self.index]
+        return out
+
+
+class FixedBatch(nn.Module):
+    """Runs a model whose batch dimension is fixed: splits the batch, pads the last chunk, concatenates.
+
+    Autograd flows through, so gradient probes work on such models too.
+    """
+
+    def __init__(self, inner: nn.Module, size: int) -> None:
+        super().__init__()
+        self.inner = inner
+        self.size = size
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        outputs = []
+        for start in range(0, x.shape[0], self.size):
+            chunk = x[start : start + self.size]
+            real = chunk.shape[0]
+            if real < self.size:
+                chunk = torch.cat([chunk, chunk[-1:].expand(self.size - real, *chunk.shape[1:])])
+            out = self.inner(chunk)
+            out = out[0] if isinstance(out, (tuple, list)) else out
+            outputs.append(out[:real])
+        return torch.cat(outputs)
+
+
+@contextlib.contextmanager
+def layer_taps(module: nn.Module, names: list[str]) -> Iterator[dict[str, torch.Tensor]]:
+    """Capture the outputs of named submodules during a forward pass; hooks always released."""
+    captured: dict[str, torch.Tensor] = {}
+    modules = dict(module.named_modules())
+    handles = []
+    try:
+        for name in names:
+            if name not in modules:
+                raise InputError(f"layer {name!r} not found in the model (layers: {', '.join(list(modules)[1:8])}, ...)")
+
+            def hook(_m: nn.Module, _inp: Any, out: Any, key: str = name) -> None:
+                captured[key] = (out[0] if isinstance(out, (tuple, list)) else out).detach()
+
+            handles.append(modules[name].register_forward_hook(hook))
+        yield captured
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+class _ReluCounter(TorchFunctionMode):
+    """Counts ReLU calls, to tell nn.ReLU modules from functional activations."""
+
+    RELU = {torch.relu, torch.relu_, torch.nn.functional.relu, torch.Tensor.relu, torch.Tensor.relu_}
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls = 0
+        self.depth_in_module = 0
+        self.outside = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        if func in self.RELU:
+            self.calls += 1
+            if self.depth_in_module == 0:
+                self.outside += 1
+        return func(*args, **(kwargs or {}))
+
+
+def relu_module_reason(module: nn.Module, example: torch.Tensor) -> str | None:
+    """None when every ReLU runs as an nn.ReLU module; else why guided backprop cannot be trusted."""
+    relus = [m for m in module.modules() if isinstance(m, nn.ReLU)]
+    inplace = [m for m in relus if m.inplace]
+    counter = _ReluCounter()
+    handles = []
+    for m in relus:
+        handles.append(m.register_forward_pre_hook(lambda *_: setattr(counter, "depth_in_module", counter.depth_in_module + 1)))
+        handles.append(m.register_forward_hook(lambda *_: setattr(counter, "depth_in_module", counter.depth_in_module - 1)))
+    try:
+        with torch.no_grad(), counter:
+            module(example)
+    except Exception as exc:  # noqa: BLE001 - any failure means we cannot vouch for the activations
+        return f"could not trace the activations ({first_line(exc)})"
+    finally:
+        for handle in handles:
+            handle.remove()
+    if counter.outside:
+        return f"the model applies ReLU functionally ({counter.outside} call(s) outside nn.ReLU modules)"
+    if not relus:
+        return "the model has no nn.ReLU modules"
+    if inplace:
+        return f"{len(inplace)} nn.ReLU module(s) are in-place, which module backward hooks cannot wrap"
+    return None
+
+
+def gradient_reason(module: nn.Module, example: torch.Tensor) -> str | None:
+    x = example.clone().requires_grad_(True)
+    try:
+        with torch.enable_grad():
+            out = module(x)
+            out = out[0] if isinstance(out, (tuple, list)) else out
+            out.float().sum().backward()
+    except Exception as exc:  # noqa: BLE001
+        return f"backward pass failed ({first_line(exc)})"
+    if x.grad is None:
+        return "the output does not depend differentiably on the input"
+    return None
+
+
+def load_factory(spec: str) -> tuple[nn.Module, list[Path]]:
+    """`package.module:factory` or `path/to/file.py:factory`; returns the module and its source files."""
+    target, _, attr = spec.rpartition(":")
+    if not target or not attr:
+        raise InputError(f"--model {spec}: expected package.module:factory or path/to/file.py:factory")
+    files: list[Path] = []
+    if target.endswith(".py") or "/" in target or "\\" in target:
+        path = Path(target).expanduser().resolve()
+        if not path.is_file():
+            raise InputError(f"--model {spec}: file {path} not found")
+        name = f"_model_audit_user_{abs(hash(str(path)))}"
+        module_spec = importlib.util.spec_from_file_location(name, path)
+        if module_spec is None or module_spec.loader is None:
+            raise InputError(f"--model {spec}: cannot import {path}")
+        module = importlib.util.module_from_spec(module_spec)
+        sys.modules[name] = module
+        sys.path.insert(0, str(path.parent))
+        try:
+            module_spec.loader.exec_module(module)
+        except Exception as exc:  # noqa: BLE001
+            raise ModelLoadError(f"{path}: importing failed ({first_line(exc)})") from None
+        finally:
+            sys.path.remove(str(path.parent))
+        files.append(path)
+    else:
+        try:
+            module = importlib.import_module(target)
+        except Exception as exc:  # noqa: BLE001
+            raise ModelLoadError(f"--model {spec}: cannot import {target!r} ({first_line(exc)})") from None
+        if getattr(module, "__file__", None):
+            files.append(Path(module.__file__))
+    factory = getattr(module, attr, None)
+    if factory is None:
+        raise InputError(f"--model {spec}: {target} has no attribute {attr!r}")
+    try:
+        model = factory() if callable(factory) and not isinstance(factory, nn.Module) else factory
+    except Exception as exc:  # noqa: BLE001
+        raise ModelLoadError(f"--model {spec}: calling {attr}() failed ({first_line(exc)})") from None
+    if not isinstance(model, nn.Module):
+        raise ModelLoadError(f"--model {spec}: {attr} returned {type(model).__name__}, not a torch.nn.Module")
+    return model, files
+
+
+_STATE_KEYS = ("state_dict", "model_state_dict", "model", "net", "weights")
+
+
+def load_state_dict(model: nn.Module, weights: Path) -> None:
+    """Load weights with weights_only=True (no pickled code runs); tolerate common wrappers."""
+    try:
+        state = torch.load(weights, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise InputError(f"{weights}: weights file not found") from None
+    except Exception as exc:  # noqa: BLE001
+        raise ModelLoadError(f"{weights}: cannot load as a state dict with weights_only=True ({first_line(exc)})") from None
+    if isinstance(state, dict):
+        for key in _STATE_KEYS:
+            if isinstance(state.get(key), dict) and all(isinstance(v, torch.Tensor) for v in state[key].values()):
+                state = state[key]
+                break
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ModelLoadError(f"{weights}: not a state dict of tensors")
+    if state and all(k.startswith("module.") for k in state):
+        state = {k[len("module.") :]: v for k, v in state.items()}
+    result = model.load_state_dict(state, strict=False)
+    if result.missing_keys or result.unexpected_keys:
+        parts = []
+        if result.missing_keys:
+            parts.append(f"missing keys {', '.join(result.missing_keys[:3])}" + (" ..." if len(result.missing_keys) > 3 else ""))
+        if result.unexpected_keys:
+            parts.append(f"unexpected keys {', '.join(result.unexpected_keys[:3])}" + (" ..." if len(result.unexpected_keys) > 3 else ""))
+        raise ModelLoadError(f"{weights}: weights do not fit the model ({'; '.join(parts)})")
+
+
+class TorchAdapter(ModelAdapter):
+    """Any torch callable module; `kind` says which file format it came from."""
+
+    def __init__(
+        self,
+        module: nn.Module,
+        format: str,
+        files: list[ModelFile],
+        capabilities: dict[Capability, str | None],
+        input_spec: InputSpec,
+        device: str,
+        notes: list[str] | None = None,
+    ) -> None:
+        super().__init__(format=format, files=files, capabilities=capabilities, input_spec=input_spec, device=device, notes=notes or [])
+        self.module = module
+        self.output_names = ["output"]
+        self.output_name = "output"
+
+    def torch_module(self) -> nn.Module | None:
+        return self.module if self.capabilities.get(Capability.GRADIENTS) is None else None
+
+    def supported_taps(self) -> frozenset[str]:
+        return frozenset({"output"})
+
+    def forward(self, x: np.ndarray, taps: frozenset[str] = frozenset()) -> dict[str, np.ndarray]:
+        layers = [t[len(LAYER_TAP) :] for t in taps if t.startswith(LAYER_TAP)]
+        if layers and self.capabilities.get(Capability.HOOKS) is not None:
+            raise ModelLoadError(f"layer taps need module hooks: {self.capabilities[Capability.HOOKS]}")
+        tensor = torch.from_numpy(np.ascontiguousarray(x)).to(self.device)
+        with torch.inference_mode(), layer_taps(self.module, layers) as captured:
+            out = self.module(tensor)
+        if isinstance(out, (tuple, list)):
+            out = out[0]
+        result = {"output": out.float().cpu().numpy()}
+        for name, value in captured.items():
+            result[LAYER_TAP + name] = value.float().cpu().numpy()
+        return result
+
+
+def _example(spec: InputSpec, device: str) -> torch.Tensor:
+    channels = spec.channels or 3
+    height, width = spec.size or (32, 32)
+    generator = torch.Generator().manual_seed(0)
+    return torch.randn(2, channels, height, width, generator=generator).to(device)
+
+
+def build_torch_adapter(
+    model_spec: str,
+    weights: Path | None,
+    input_spec: InputSpec,
+    device: str,
+) -> TorchAdapter:
+    path = Path(model_spec)
+    suffix = path.suffix.lower()
+    notes: list[str] = []
+    capabilities: dict[Capability, str | None] = {}
+    files: list[Path] = []
+    if suffix in (".pt", ".pth") and path.is_file():
+        module, files, capabilities = _load_torchscript(path)
+        fmt = "torchscript"
+        if weights is not None:
+            raise InputError(f"--weights {weights}: a TorchScript file carries its own weights; --weights is for model factories")
+    elif suffix == ".pt2" and path.is_file():
+        module, files, capabilities = _load_exported(path)
+        fmt = "torch.export"
+    elif suffix in (".pt", ".pth", ".pt2"):
+        raise InputError(f"{path}: model file not found")
+    else:
+        module, files = load_factory(model_spec)
+        fmt = "python"
+        if weights is not None:
+            load_state_dict(module, weights)
+            files.append(weights)
+        else:
+            notes.append("no --weights given: the factory's own initialisation is audited")
+    batch_hint = getattr(module, "_audit_batch_hint", None)
+    module = module.eval().to(device)
+    for p in module.parameters():
+        p.requires_grad_(False)
+    if input_spec.layout in ("nhwc", "nhw", "flat"):
+        module = InputLayout(module, input_spec.layout)
+    if input_spec.channels is None:
+        first_conv = next((m for m in module.modules() if isinstance(m, nn.Conv2d)), None)
+        if first_conv is not None:
+            input_spec.channels = first_conv.in_channels
+    example = _example(input_spec, device)
+    if input_spec.size is not None:
+        module = _fit_batch(module, example, input_spec, notes, model_spec, batch_hint=batch_hint)
+        capabilities.setdefault(Capability.GRADIENTS, gradient_reason(module, example))
+        if capabilities.get(Capability.HOOKS, None) is None and Capability.RELU_MODULES not in capabilities:
+            capabilities[Capability.RELU_MODULES] = relu_module_reason(module, example)
+    else:
+        capabilities.setdefault(Capability.GRADIENTS, None)
+    capabilities.setdefault(Capability.HOOKS, None)
+    named = [n for n, _ in module.named_modules() if n]
+    capabilities.setdefault(Capability.NAMED_LAYERS, None if named else "the model has no named submodules")
+    capabilities.setdefault(Capability.RELU_MODULES, "not checked: the input size is unknown")
+    return TorchAdapter(module, fmt, [ModelFile.of(f) for f in files], capabilities, input_spec, device, notes)
+
+
+def _fit_batch(
+    module: nn.Module, example: torch.Tensor, spec: InputSpec, notes: list[str], model_spec: str, batch_hint: int | None
+) -> nn.Module:
+    """Check the model runs on a batch of two; if its batch size is fixed, wrap it in FixedBatch."""
+    def runs(m: nn.Module, x: torch.Tensor) -> Exception | None:
+        try:
+            with torch.no_grad():
+                m(x)
+        except Exception as exc:  # noqa: BLE001
+            return exc
+        return None
+
+    odd = torch.cat([example, example[:1]])  # batch of 3: unlike the 1 or 2 a program is often exported with
+    error = runs(module, odd)
+    if error is None:
+        return module
+    for size in dict.fromkeys([batch_hint or 1, 1, 2]):
+        if runs(module, example[:1].expand(size, *example.shape[1:])) is None:
+            spec.fixed_batch = size
+            notes.append(f"the model only accepts batches of {size}; it runs in chunks of {size}")
+            return FixedBatch(module, size)
+    raise ModelLoadError(
+        f"{model_spec}: forward pass on a {tuple(example.shape)} input failed ({first_line(error)}); "
+        "check --input-size, --channels and --layout"
+    )
+
+
+def _load_torchscript(path: Path) -> tuple[nn.Module, list[Path], dict[Capability, str | None]]:
+    try:
+        module = torch.jit.load(str(path), map_location="cpu")
+    except Exception as exc:  # noqa: BLE001
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception:  # noqa: BLE001
+            obj = None
+        if isinstance(obj, dict):
+            raise InputError(
+                f"{path}: this is a state dict, not a TorchScript model; pass --model file.py:factory --weights {path.name}"
+            ) from None
+        raise ModelLoadError(
+            f"{path}: not a TorchScript file ({type(exc).__name__}); pickled nn.Module files are refused because "
+            "loading them runs arbitrary code: save with torch.jit.save, torch.export, or use file.py:factory + --weights"
+        ) from None
+    capabilities: dict[Capability, str | None] = {
+        Capability.HOOKS: "TorchScript modules take no hooks",
+        Capability.RELU_MODULES: "TorchScript modules take no hooks, so ReLU backward passes cannot be overridden",
+    }
+    return module, [path], capabilities
+
+
+def _load_exported(path: Path) -> tuple[nn.Module, list[Path], dict[Capability, str | None]]:
+    try:
+        program = torch.export.load(str(path))
+    except Exception as exc:  # noqa: BLE001
+        raise ModelLoadError(f"{path}: cannot load torch.export program ({first_line(exc)})") from None
+    capabilities: dict[Capability, str | None] = {}
+    example_inputs = getattr(program, "example_inputs", None)
+    try:
+        module = torch.export.unflatten(program)
+    except Exception as exc:  # noqa: BLE001
+        module = program.module()
+        reason = f"the exported graph could not be unflattened into its submodules ({type(exc).__name__})"
+        capabilities[Capability.HOOKS] = reason
+        capabilities[Capability.RELU_MODULES] = reason
+    try:
+        module._audit_batch_hint = int(example_inputs[0][0].shape[0])  # type: ignore[index]
+    except Exception:  # noqa: BLE001 - the hint is optional
+        pass
+    return module, [path], capabilities

@@ -1,0 +1,264 @@
+"""The rule engine: metrics and per-sample tables in, findings out. Imports no torch.
+
+A rule reads either a precomputed metric (`predictions.recall@class:wolf`) or, with
+`aggregate.stat`, a per-sample column aggregated per scope (`background.outside_ratio`, mean per
+class). A scope with fewer samples than `min_support` is skipped, never passed or failed.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import string
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from pydantic import BaseModel, Field
+
+from audit.metrics.names import display_scope, parse_key, parse_scope, scope, scope_kind
+from audit.rules.ops import STATISTICS, SYMBOLS, compare, worse_direction
+from audit.rules.schema import FindingSeverity, RuleSpec, Status
+
+RUN_LEVEL_PREFIXES = ("manifest",)
+_SCOPE_COLUMNS = {"class": "class", "domain": "domain", "method": "method", "layer": "layer", "pair": "pair"}
+
+
+class Finding(BaseModel):
+    rule: str
+    rule_version: int = 1
+    title: str
+    status: Status
+    severity: FindingSeverity
+    scope: str
+    metric: str
+    value: float | None = None
+    threshold: float | list[float] | None = None
+    op: str | None = None
+    n: int = 0
+    message: str
+    remedy: str = ""
+    evidence: list[str] = Field(default_factory=list)
+    waiver: dict[str, Any] | None = None
+    waived_status: Status | None = None
+
+    @property
+    def key(self) -> str:
+        """Findings are identified across runs by rule + scope."""
+        return f"{self.rule}|{self.scope}"
+
+
+@dataclass
+class ProbeState:
+    status: str  # "ok" | "skipped" | "error"
+    reason: str | None = None
+
+
+@dataclass
+class ScopedValue:
+    value: float
+    n: int | None
+    lo: float | None = None
+    hi: float | None = None
+
+
+class MetricIndex:
+    """metrics dict -> {name: {scope: ScopedValue}}, built once per evaluation."""
+
+    def __init__(self, metrics: dict[str, float]) -> None:
+        raw: dict[tuple[str, str], dict[str | None, float]] = {}
+        for key, value in metrics.items():
+            parsed = parse_key(key)
+            raw.setdefault((parsed.name, parsed.scope), {})[parsed.suffix] = value
+        self._by_name: dict[str, dict[str, ScopedValue]] = {}
+        for (name, scope_text), parts in raw.items():
+            if None not in parts:
+                continue
+            n = parts.get("n")
+            self._by_name.setdefault(name, {})[scope_text] = ScopedValue(parts[None], None if n is None else int(n), parts.get("lo"), parts.get("hi"))
+
+    def scoped(self, name: str, per: str) -> dict[str, ScopedValue]:
+        return {s: v for s, v in self._by_name.get(name, {}).items() if scope_kind(s) == per}
+
+
+class _SafeFormatter(string.Formatter):
+    """Message templates survive a missing value or threshold: they print 'n/a' instead of failing."""
+
+    def get_value(self, key: Any, args: Any, kwargs: dict[str, Any]) -> Any:
+        return kwargs.get(key) if isinstance(key, str) else super().get_value(key, args, kwargs)
+
+    def format_field(self, value: Any, format_spec: str) -> str:
+        if value is None:
+            return "n/a"
+        if isinstance(value, list):
+            return "[" + ", ".join(self.format_field(v, format_spec) for v in value) + "]"
+        try:
+            return format(value, format_spec)
+        except (TypeError, ValueError):
+            return str(value)
+
+
+_FORMATTER = _SafeFormatter()
+
+
+def render_message(template: str, **fields: Any) -> str:
+    return _FORMATTER.format(template, **fields)
+
+
+TableLoader = Callable[[str], "pd.DataFrame | None"]
+
+
+class RuleEngine:
+    def __init__(
+        self,
+        metrics: dict[str, float],
+        tables: TableLoader,
+        probes: dict[str, ProbeState],
+    ) -> None:
+        self.index = MetricIndex(metrics)
+        self.tables = tables
+        self.probes = probes
+        self._table_cache: dict[str, pd.DataFrame | None] = {}
+
+    def evaluate(self, rules: Iterable[RuleSpec], waivers: Iterable[Any] = (), today: dt.date | None = None) -> list[Finding]:
+        findings: list[Finding] = []
+        for rule in rules:
+            findings.extend(self.evaluate_rule(rule))
+        return apply_waivers(findings, waivers, today or dt.date.today())
+
+    def evaluate_rule(self, rule: RuleSpec) -> list[Finding]:
+        state = ProbeState("ok") if rule.probe in RUN_LEVEL_PREFIXES else self.probes.get(rule.probe)
+        if state is None:
+            return [self._blank(rule, "skipped", f"the {rule.probe} probe was not run in this audit")]
+        if state.status == "error":
+            return [self._blank(rule, "error", f"the {rule.probe} probe failed: {state.reason}")]
+        if state.status == "skipped":
+            return [self._blank(rule, "skipped", f"the {rule.probe} probe was skipped: {state.reason}")]
+        values = self._sample_values(rule) if rule.aggregate.stat else self.index.scoped(rule.metric, rule.aggregate.per)
+        if not values:
+            return [self._blank(rule, "skipped", f"no values for {rule.metric} per {rule.aggregate.per} in this run")]
+        return [self._judge(rule, scope_text, values[scope_text]) for scope_text in sorted(values)]
+
+    def _blank(self, rule: RuleSpec, status: Status, message: str) -> Finding:
+        severity = rule.top_severity if status == "error" else "info"
+        per = rule.aggregate.per
+        return Finding(rule=rule.id, rule_version=rule.version, title=rule.title, status=status, severity=severity,
+                       scope="global" if per == "global" else f"per {per}", metric=rule.metric, message=message, remedy=rule.remedy)
+
+    def _judge(self, rule: RuleSpec, scope_text: str, sv: ScopedValue) -> Finding:
+        n = sv.n if sv.n is not None else 0
+        fields = {"scope": display_scope(scope_text), "value": sv.value, "n": n, "metric": rule.metric, "rule": rule.id,
+                  "min_support": rule.min_support, **parse_scope(scope_text)}
+        base = dict(rule=rule.id, rule_version=rule.version, title=rule.title, scope=scope_text, metric=rule.metric,
+                    value=sv.value, n=n, remedy=rule.remedy)
+        if sv.n is None or n < rule.min_support:
+            return Finding(**base, status="skipped", severity="info",
+                           message=f"{display_scope(scope_text)}: only {n} samples; this rule needs at least {rule.min_support}")
+        hit = next((t for t in rule.thresholds if compare(t.op, sv.value, t.value)), None)
+        limit = hit or rule.thresholds[-1]
+        fields["threshold"] = limit.value
+        fields["status"] = hit.status if hit else "pass"
+        evidence = self._evidence(rule, scope_text) if hit else []
+        if hit is None:
+            template = rule.pass_message or rule.message
+            return Finding(**base, status="pass", severity="info", threshold=limit.value, op=limit.op,
+                           message=render_message(template, **fields), evidence=evidence)
+        return Finding(**base, status=hit.status, severity=hit.severity, threshold=hit.value, op=hit.op,
+                       message=render_message(rule.message, **fields), evidence=evidence)
+
+    def _table(self, name: str) -> pd.DataFrame | None:
+        """A per-sample table with `class` and `domain` columns (joined from predictions if absent)."""
+        if name not in self._table_cache:
+            table = self.tables(name)
+            if table is not None and name != "predictions" and not {"class", "domain"} <= set(table.columns):
+                base = self.tables("predictions")
+                if base is not None:
+                    keep = ["id"] + [c for c in ("class", "domain") if c not in table.columns]
+                    table = table.merge(base[keep], on="id", how="left")
+            self._table_cache[name] = table
+        return self._table_cache[name]
+
+    def _grouped(self, column_ref: str, per: str) -> tuple[pd.DataFrame, str, list[str]] | None:
+        table_name, _, column = column_ref.partition(".")
+        table = self._table(table_name)
+        if table is None or column not in table.columns:
+            return None
+        keys = [] if per == "global" else [_SCOPE_COLUMNS[k] for k in per.split("/")]
+        if any(k not in table.columns for k in keys):
+            return None
+        return table, column, keys
+
+    def _sample_values(self, rule: RuleSpec) -> dict[str, ScopedValue]:
+        grouped = self._grouped(rule.metric, rule.aggregate.per)
+        if grouped is None:
+            return {}
+        table, column, keys = grouped
+        stat = STATISTICS[rule.aggregate.stat]  # type: ignore[index]
+        values: dict[str, ScopedValue] = {}
+        for scope_text, frame in _groups(table, keys):
+            data = pd.to_numeric(frame[column], errors="coerce").dropna().to_numpy(dtype=np.float64)
+            if len(data) == 0:
+                continue
+            value = stat(data)
+            if np.isfinite(value):
+                values[scope_text] = ScopedValue(value, len(data))
+        return values
+
+    def _evidence(self, rule: RuleSpec, scope_text: str) -> list[str]:
+        spec = rule.evidence
+        if spec is None and rule.aggregate.stat is None:
+            return []
+        column_ref = spec.column if spec else rule.metric
+        order = spec.order if spec else worse_direction(rule.thresholds[0].op)
+        limit = spec.limit if spec else 8
+        per = scope_kind(scope_text)
+        grouped = self._grouped(column_ref, "global" if per == "global" else per)
+        if grouped is None:
+            return []
+        table, column, _ = grouped
+        frame = table
+        for kind, value in parse_scope(scope_text).items():
+            frame = frame[frame[_SCOPE_COLUMNS[kind]] == value]
+        values = pd.to_numeric(frame[column], errors="coerce")
+        frame = frame.assign(_v=values).dropna(subset=["_v"]).sort_values("_v", ascending=order == "asc", kind="stable")
+        return [str(i) for i in frame["id"].head(limit)]
+
+
+def _groups(table: pd.DataFrame, keys: list[str]) -> Iterable[tuple[str, pd.DataFrame]]:
+    if not keys:
+        yield "global", table
+        return
+    for values, frame in table.dropna(subset=keys).groupby(keys, sort=True):
+        values = values if isinstance(values, tuple) else (values,)
+        parts = {("class_" if k == "class" else k): str(v) for k, v in zip(keys, values, strict=True)}
+        yield scope(**parts), frame
+
+
+def apply_waivers(findings: list[Finding], waivers: Iterable[Any], today: dt.date) -> list[Finding]:
+    """A matching, unexpired waiver marks a warn/fail finding `waived` and records who and why."""
+    active = []
+    for waiver in waivers:
+        expires = getattr(waiver, "expires", None)
+        if expires and dt.date.fromisoformat(str(expires)) < today:
+            continue
+        active.append(waiver)
+    out = []
+    for finding in findings:
+        match = next((w for w in active if w.rule == finding.rule and w.scope in (finding.scope, "*")), None)
+        if match is not None and finding.status in ("warn", "fail"):
+            finding = finding.model_copy(update={
+                "waived_status": finding.status,
+                "status": "waived",
+                "waiver": {"by": match.by, "reason": match.reason, "expires": match.expires},
+            })
+        out.append(finding)
+    return out
+
+
+def threshold_text(op: str | None, threshold: float | list[float] | None, fmt: str = "{:.3g}") -> str:
+    if op is None or threshold is None:
+        return ""
+    if isinstance(threshold, list):
+        return f"{SYMBOLS[op]} [{fmt.format(threshold[0])}, {fmt.format(threshold[1])}]"
+    return f"{SYMBOLS[op]} {fmt.format(threshold)}"
