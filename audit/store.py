@@ -21,6 +21,8 @@ import pandas as pd
 from audit.errors import InputError
 
 SCHEMA_VERSION = "1.0"
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
 RESULTS = "results.json"
 
 
@@ -29,6 +31,7 @@ def atomic_write(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, 0o666 & ~_UMASK)
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
             fh.flush()

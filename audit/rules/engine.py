@@ -256,9 +256,11 @@ def apply_waivers(findings: list[Finding], waivers: Iterable[Any], today: dt.dat
     return out
 
 
-def threshold_text(op: str | None, threshold: float | list[float] | None, fmt: str = "{:.3g}") -> str:
+def threshold_text(op: str | None, threshold: float | list[float] | None,
+                   fmt: Callable[[float], str] = lambda v: f"{v:.3g}") -> str:
+    """'< 70.0%' / 'in [0.1, 0.2]' for reports and listings."""
     if op is None or threshold is None:
         return ""
     if isinstance(threshold, list):
-        return f"{SYMBOLS[op]} [{fmt.format(threshold[0])}, {fmt.format(threshold[1])}]"
-    return f"{SYMBOLS[op]} {fmt.format(threshold)}"
+        return f"{SYMBOLS[op]} [{fmt(threshold[0])}, {fmt(threshold[1])}]"
+    return f"{SYMBOLS[op]} {fmt(threshold)}"

@@ -1,0 +1,165 @@
+"""Static figures (SVG) drawn from the saved run, so the PDF shows exactly what the HTML shows.
+
+Charts are generic (bars with intervals, matrices, reliability, histograms) and exposed to the
+templates, so a new probe's section can draw its figures without new Python. Never imports torch.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+from collections.abc import Sequence
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+plt.rcParams.update({
+    "svg.fonttype": "path",  # text as outlines: identical in every viewer and in the PDF
+    "svg.hashsalt": "model-audit",  # deterministic ids: the same run gives the same bytes
+    "font.size": 8,
+    "font.family": "DejaVu Sans",
+    "axes.spines.top": False,
+    "axes.spines.right": False,
+    "axes.titlesize": 9,
+    "figure.dpi": 100,
+})
+
+# Colour-blind-safe and still distinct in grey-scale print (Okabe-Ito, varied lightness).
+BLUE, ORANGE, GREY, DARK, GREEN, RED = "#0072B2", "#E69F00", "#999999", "#333333", "#009E73", "#D55E00"
+MAX_MATRIX_CLASSES = 30
+
+
+def _svg(fig: plt.Figure) -> str:
+    buffer = io.StringIO()
+    fig.savefig(buffer, format="svg", bbox_inches="tight", metadata={"Date": None, "Creator": None})
+    plt.close(fig)
+    return buffer.getvalue()
+
+
+def data_uri(svg: str) -> str:
+    return "data:image/svg+xml;base64," + base64.b64encode(svg.encode("utf-8")).decode("ascii")
+
+
+def _short(label: str, width: int = 18) -> str:
+    return label if len(label) <= width else label[: width - 1] + "…"
+
+
+def bars(labels: Sequence[str], values: Sequence[float | None], lows: Sequence[float | None] | None = None,
+         highs: Sequence[float | None] | None = None, xlabel: str = "", limit: float | None = None,
+         limit_label: str = "", percent: bool = True, highlight: Sequence[bool] | None = None) -> str:
+    """Horizontal bars with optional interval whiskers and a dashed threshold line."""
+    n = len(labels)
+    fig, ax = plt.subplots(figsize=(5.6, 0.9 + 0.24 * max(n, 1)))
+    ys = np.arange(n)[::-1]
+    vals = np.array([np.nan if v is None else v for v in values], dtype=float)
+    colours = [ORANGE if (highlight and highlight[i]) else BLUE for i in range(n)]
+    hatches = ["//" if (highlight and highlight[i]) else "" for i in range(n)]
+    bars_ = ax.barh(ys, np.nan_to_num(vals), color=colours, height=0.6, edgecolor=DARK, linewidth=0.4)
+    for bar, hatch in zip(bars_, hatches, strict=True):
+        bar.set_hatch(hatch)
+    if lows is not None and highs is not None:
+        lo = np.array([np.nan if v is None else v for v in lows], dtype=float)
+        hi = np.array([np.nan if v is None else v for v in highs], dtype=float)
+        ok = np.isfinite(lo) & np.isfinite(hi) & np.isfinite(vals)
+        ax.errorbar(vals[ok], ys[ok], xerr=[vals[ok] - lo[ok], hi[ok] - vals[ok]], fmt="none", ecolor=DARK, elinewidth=0.8, capsize=2)
+    if limit is not None:
+        ax.axvline(limit, color=RED, linestyle="--", linewidth=1)
+        if limit_label:
+            ax.text(limit, n - 0.4, f" {limit_label}", color=RED, va="bottom", fontsize=7)
+    ax.set_yticks(ys, [_short(str(l)) for l in labels])
+    if percent:
+        top = max(1.0, float(np.nanmax(vals)) if np.isfinite(vals).any() else 1.0)
+        ax.set_xlim(0, top)
+        ax.xaxis.set_major_formatter(matplotlib.ticker.PercentFormatter(1.0))
+    for y, v in zip(ys, vals, strict=True):
+        if np.isfinite(v):
+            ax.text(v, y, f" {v:.0%}" if percent else f" {v:.3g}", va="center", fontsize=7, color=DARK)
+    ax.set_xlabel(xlabel)
+    return _svg(fig)
+
+
+def reliability(curves: dict[str, list[dict[str, Any]]]) -> str:
+    """Reliability diagram: accuracy against mean confidence per bin; the diagonal is perfect calibration."""
+    fig, ax = plt.subplots(figsize=(3.6, 3.4))
+    ax.plot([0, 1], [0, 1], color=GREY, linestyle=":", linewidth=1, label="perfect calibration")
+    styles = [(BLUE, "o", "-"), (ORANGE, "s", "--"), (GREEN, "^", "-."), (RED, "D", ":")]
+    for (name, bins), (colour, marker, line) in zip(curves.items(), styles * 4, strict=False):
+        points = [(b["confidence"], b["accuracy"], b["count"]) for b in bins if b["count"]]
+        if not points:
+            continue
+        conf, acc, count = (np.array(v, dtype=float) for v in zip(*points, strict=True))
+        sizes = 8 + 60 * count / count.max()
+        ax.plot(conf, acc, color=colour, linestyle=line, linewidth=1, label=name)
+        ax.scatter(conf, acc, s=sizes, color=colour, marker=marker, edgecolor=DARK, linewidth=0.3, zorder=3)
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ax.set_xlabel("mean confidence in bin")
+    ax.set_ylabel("accuracy in bin")
+    ax.legend(loc="upper left", fontsize=7, frameon=False)
+    return _svg(fig)
+
+
+def histogram(edges: Sequence[float], series: dict[str, Sequence[int]], xlabel: str = "", ylabel: str = "samples") -> str:
+    """Stacked histogram of pre-binned counts (e.g. confidence of correct vs wrong predictions)."""
+    fig, ax = plt.subplots(figsize=(4.2, 2.6))
+    edges_ = np.asarray(edges, dtype=float)
+    widths = np.diff(edges_)
+    bottom = np.zeros(len(widths))
+    for (name, counts), colour, hatch in zip(series.items(), [BLUE, ORANGE, GREEN, RED], ["", "//", "..", "xx"], strict=False):
+        counts_ = np.asarray(counts, dtype=float)
+        ax.bar(edges_[:-1], counts_, width=widths, bottom=bottom, align="edge", color=colour, hatch=hatch,
+               edgecolor=DARK, linewidth=0.3, label=name)
+        bottom += counts_
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.legend(fontsize=7, frameon=False)
+    return _svg(fig)
+
+
+def matrix(values: Sequence[Sequence[float]], rows: Sequence[str], cols: Sequence[str], xlabel: str = "predicted",
+           ylabel: str = "true", normalise_rows: bool = True) -> str:
+    """Confusion-style matrix, row-normalised shading with raw counts written in each cell."""
+    data = np.asarray(values, dtype=float)
+    keep = np.arange(len(rows))
+    if len(rows) > MAX_MATRIX_CLASSES:
+        errors = data.sum(axis=1) - np.diag(data)
+        keep = np.sort(np.argsort(-errors)[:MAX_MATRIX_CLASSES])
+        data = data[np.ix_(keep, keep)]
+    rows_ = [rows[i] for i in keep]
+    cols_ = [cols[i] for i in keep]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        shade = data / data.sum(axis=1, keepdims=True) if normalise_rows else data / max(data.max(), 1)
+    shade = np.nan_to_num(shade)
+    size = 1.2 + 0.38 * len(rows_)
+    fig, ax = plt.subplots(figsize=(size + 0.8, size))
+    ax.imshow(shade, cmap="Blues", vmin=0, vmax=1)
+    for (i, j), v in np.ndenumerate(data):
+        if v:
+            ax.text(j, i, f"{int(v)}", ha="center", va="center", fontsize=6 if len(rows_) > 12 else 7,
+                    color="white" if shade[i, j] > 0.55 else DARK)
+    ax.set_xticks(range(len(cols_)), [_short(c, 12) for c in cols_], rotation=45, ha="right")
+    ax.set_yticks(range(len(rows_)), [_short(r, 12) for r in rows_])
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.spines[:].set_visible(False)
+    return _svg(fig)
+
+
+class Charts:
+    """What templates call: each method returns a data URI for an <img>."""
+
+    def bars(self, *args: Any, **kwargs: Any) -> str:
+        return data_uri(bars(*args, **kwargs))
+
+    def reliability(self, *args: Any, **kwargs: Any) -> str:
+        return data_uri(reliability(*args, **kwargs))
+
+    def histogram(self, *args: Any, **kwargs: Any) -> str:
+        return data_uri(histogram(*args, **kwargs))
+
+    def matrix(self, *args: Any, **kwargs: Any) -> str:
+        return data_uri(matrix(*args, **kwargs))
