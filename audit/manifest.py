@@ -164,6 +164,12 @@ def _parse_label(value: Any, classes: Sequence[str] | None, where: str) -> int:
     return index
 
 
+def _absolute(path: Path) -> Path:
+    """Absolute and normalised ('..' removed) without following symlinks: a data set linked into the
+    manifest folder is allowed, a path that climbs out of it with '..' is not."""
+    return Path(os.path.normpath(os.path.abspath(path)))
+
+
 def _inside(path: Path, roots: Sequence[Path]) -> bool:
     return any(path == root or root in path.parents for root in roots)
 
@@ -180,8 +186,8 @@ def load_manifest(
         raise InputError(f"{path}: required column 'path' is missing (columns: {', '.join(frame.columns) or 'none'})")
     if frame.empty:
         raise InputError(f"{path}: manifest has no rows")
-    base = path.resolve().parent
-    roots = [base] + [Path(r).expanduser().resolve() for r in data_roots]
+    base = _absolute(path).parent
+    roots = [base] + [_absolute(Path(r).expanduser()) for r in data_roots]
     extra = [c for c in frame.columns if c not in KNOWN_COLUMNS]
 
     samples: list[Sample] = []
@@ -196,7 +202,7 @@ def load_manifest(
         if _is_missing(raw_path):
             raise InputError(f"{where('path')}: empty path")
         given = Path(_text(raw_path)).expanduser()
-        resolved = (given if given.is_absolute() else base / given).resolve()
+        resolved = _absolute(given if given.is_absolute() else base / given)
         sample_id = _text(record["id"]) if not _is_missing(record.get("id")) else _default_id(given, resolved, base)
         if sample_id in seen:
             raise InputError(f"{where('id')}: duplicate id {sample_id!r} (first used in row {seen[sample_id]})")
@@ -223,7 +229,7 @@ def load_manifest(
         mask = None
         if not _is_missing(record.get("mask")):
             given_mask = Path(_text(record["mask"])).expanduser()
-            mask_path = (given_mask if given_mask.is_absolute() else base / given_mask).resolve()
+            mask_path = _absolute(given_mask if given_mask.is_absolute() else base / given_mask)
             if not _inside(mask_path, roots):
                 warnings.append(SkippedRow(sample_id, str(given_mask), "mask refused: outside the manifest folder and every --data-root; sample kept without mask"))
             elif not mask_path.is_file():
@@ -233,7 +239,7 @@ def load_manifest(
         samples.append(Sample(sample_id, resolved, row_number, label, mask, domain, group, meta))
 
     return Manifest(
-        path=path.resolve(),
+        path=_absolute(path),
         sha256=sha256_file(path),
         samples=samples,
         skipped=skipped,

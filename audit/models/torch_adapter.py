@@ -6,6 +6,7 @@ import contextlib
 import importlib
 import importlib.util
 import sys
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -224,14 +225,18 @@ def load_state_dict(model: nn.Module, weights: Path) -> None:
         raise ModelLoadError(f"{weights}: not a state dict of tensors")
     if state and all(k.startswith("module.") for k in state):
         state = {k[len("module.") :]: v for k, v in state.items()}
-    result = model.load_state_dict(state, strict=False)
-    if result.missing_keys or result.unexpected_keys:
-        parts = []
-        if result.missing_keys:
-            parts.append(f"missing keys {', '.join(result.missing_keys[:3])}" + (" ..." if len(result.missing_keys) > 3 else ""))
-        if result.unexpected_keys:
-            parts.append(f"unexpected keys {', '.join(result.unexpected_keys[:3])}" + (" ..." if len(result.unexpected_keys) > 3 else ""))
-        raise ModelLoadError(f"{weights}: weights do not fit the model ({'; '.join(parts)})")
+    own = model.state_dict()
+    problems = []
+    for label, keys in (
+        ("missing keys", [k for k in own if k not in state]),
+        ("unexpected keys", [k for k in state if k not in own]),
+        ("shape mismatches", [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in own if k in state and state[k].shape != own[k].shape]),
+    ):
+        if keys:
+            problems.append(f"{label} {', '.join(keys[:3])}" + (" ..." if len(keys) > 3 else ""))
+    if problems:
+        raise ModelLoadError(f"{weights}: weights do not fit the model ({'; '.join(problems)})")
+    model.load_state_dict(state, strict=True)
 
 
 class TorchAdapter(ModelAdapter):
@@ -363,7 +368,9 @@ def _fit_batch(
 
 def _load_torchscript(path: Path) -> tuple[nn.Module, list[Path], dict[Capability, str | None]]:
     try:
-        module = torch.jit.load(str(path), map_location="cpu")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # "torch.jit is deprecated": TorchScript files still exist
+            module = torch.jit.load(str(path), map_location="cpu")
     except Exception as exc:  # noqa: BLE001
         try:
             obj = torch.load(path, map_location="cpu", weights_only=True)

@@ -1,0 +1,7 @@
+"""python -m audit: the model-audit command."""
+
+import sys
+
+from audit.cli import main
+
+sys.exit(main())
