@@ -92,11 +92,13 @@ def run_audit(config: AuditConfig) -> RunOutcome:
 
     rules = load_catalogue(config.rule_files, config.rules)  # malformed rules fail before any work
     registry = all_probes()
-    selected = config.probes if config.probes is not None else list(registry)
-    unknown = [p for p in [*selected, *config.probe_params] if p not in registry]
+    probe_params = {name: dict(values) for name, values in config.probe_params.items()}
+    disabled = {name for name, values in probe_params.items() if values.pop("enabled", True) is False}
+    selected = [p for p in (config.probes if config.probes is not None else list(registry)) if p not in disabled]
+    unknown = [p for p in [*selected, *probe_params] if p not in registry]
     if unknown:
         raise InputError(f"unknown probe {unknown[0]!r} (available: {', '.join(registry)})")
-    params = {name: registry[name].make_params(config.profile, config.probe_params.get(name, {})) for name in selected}
+    params = {name: registry[name].make_params(config.profile, probe_params.get(name, {})) for name in selected}
 
     manifest = load_manifest(config.manifest, config.classes, config.data_root)
     if config.max_samples is not None:

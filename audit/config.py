@@ -5,6 +5,7 @@ The config is saved verbatim into results.json, so a run says exactly what it ch
 
 from __future__ import annotations
 
+import datetime as dt
 from pathlib import Path
 from typing import Any, Literal
 
@@ -42,6 +43,11 @@ class ModelCard(_Strict):
     training_data: str | None = None
     limitations: str | None = None
 
+    @field_validator("*", mode="before")
+    @classmethod
+    def _as_text(cls, value: Any) -> Any:
+        return str(value) if isinstance(value, (int, float)) else value  # `version: 2.1` in YAML is a number
+
 
 class RuleOverride(_Strict):
     """Per-rule changes from the config: `rules.<id>.thresholds` and friends."""
@@ -58,7 +64,7 @@ class Waiver(_Strict):
     scope: str = "global"
     reason: str
     by: str
-    expires: str | None = None  # ISO date; an expired waiver no longer applies
+    expires: dt.date | None = None  # an expired waiver no longer applies
 
 
 class AuditConfig(_Strict):
@@ -75,7 +81,7 @@ class AuditConfig(_Strict):
     output_name: str | None = None
     data_root: list[Path] = Field(default_factory=list)
     probes: list[str] | None = None
-    probe_params: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    probe_params: dict[str, dict[str, Any]] = Field(default_factory=dict)  # `enabled: false` switches a probe off
     profile: Profile = "standard"
     rules: dict[str, RuleOverride] = Field(default_factory=dict)
     rule_files: list[Path] = Field(default_factory=list)
@@ -153,14 +159,7 @@ def read_config_file(path: Path) -> dict[str, Any]:
     if isinstance(probes, list):
         data["probes"] = [str(p) for p in probes]
     elif isinstance(probes, dict):
-        params = {}
-        enabled = []
-        for name, value in probes.items():
-            value = dict(value or {})
-            if value.pop("enabled", True):
-                enabled.append(str(name))
-            params[str(name)] = value
-        data["probe_params"] = params
+        data["probe_params"] = {str(name): dict(value or {}) for name, value in probes.items()}
     elif probes is not None:
         raise InputError(f"{path}: key 'probes' must be a list of probe names or a mapping of probe parameters")
 

@@ -240,7 +240,7 @@ def apply_waivers(findings: list[Finding], waivers: Iterable[Any], today: dt.dat
     active = []
     for waiver in waivers:
         expires = getattr(waiver, "expires", None)
-        if expires and dt.date.fromisoformat(str(expires)) < today:
+        if expires and dt.date.fromisoformat(str(expires)[:10]) < today:
             continue
         active.append(waiver)
     out = []
@@ -250,7 +250,7 @@ def apply_waivers(findings: list[Finding], waivers: Iterable[Any], today: dt.dat
             finding = finding.model_copy(update={
                 "waived_status": finding.status,
                 "status": "waived",
-                "waiver": {"by": match.by, "reason": match.reason, "expires": match.expires},
+                "waiver": {"by": match.by, "reason": match.reason, "expires": str(match.expires) if match.expires else None},
             })
         out.append(finding)
     return out
