@@ -112,7 +112,9 @@ def run_audit(config: AuditConfig) -> RunOutcome:
     if not is_onnx(config.model) and (spec.size is None):
         first = _first_readable(manifest, spec.channels)
         spec.size = (int(first.shape[1]), int(first.shape[2]))
+    tick = time.perf_counter()
     model = load_model(config.model, spec, device, config.weights, config.output_name)
+    model_seconds = time.perf_counter() - tick
     if model.input_spec.channels is None:
         model.input_spec.channels = int(_first_readable(manifest, None).shape[0])
     prep = Preprocessing.create(model.input_spec.size, model.input_spec.channels, config.mean, config.std)  # type: ignore[arg-type]
@@ -195,6 +197,7 @@ def run_audit(config: AuditConfig) -> RunOutcome:
             "started": started.isoformat(timespec="seconds"),
             "finished": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
             "seconds": round(time.perf_counter() - clock, 3),
+            "model_load_seconds": round(model_seconds, 3),
             "forward_seconds": round(executor.forward_seconds, 3),
             "load_seconds": round(executor.load_seconds, 3),
             "verdict": verdict(findings),

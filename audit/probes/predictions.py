@@ -62,37 +62,39 @@ class Predictions(Probe):
 
     def map(self, batch, taps: Taps) -> pd.DataFrame:  # type: ignore[no-untyped-def]
         probs = taps.probabilities
-        classes = self.context.classes
-        order = np.argsort(-probs, axis=1)
-        pred = order[:, 0]
-        top = probs[np.arange(len(probs)), pred]
-        second = probs[np.arange(len(probs)), order[:, 1]] if probs.shape[1] > 1 else np.zeros(len(probs))
+        names = np.asarray(self.context.classes, dtype=object)
+        rows = np.arange(len(probs))
+        if probs.shape[1] > 1:
+            top2 = np.argpartition(-probs, 1, axis=1)[:, :2]
+            swap = probs[rows, top2[:, 1]] > probs[rows, top2[:, 0]]
+            top2[swap] = top2[swap][:, ::-1]
+            pred, second = top2[:, 0], probs[rows, top2[:, 1]]
+        else:
+            pred, second = np.zeros(len(probs), np.int64), np.zeros(len(probs))
+        top = probs[rows, pred]
         labels = batch.labels
-        labelled = labels >= 0
-        safe = np.where(labelled, labels, 0)
-        prob_true = np.where(labelled, probs[np.arange(len(probs)), safe], np.nan)
-        correct = pd.array(np.where(labelled, pred == labels, False), dtype="boolean")
-        correct[~labelled] = pd.NA
-        entropy = -(probs * np.log(np.clip(probs, 1e-12, 1.0))).sum(axis=1)
+        unlabelled = labels < 0
+        safe = np.where(unlabelled, 0, labels)
+        correct = pred == labels
+        label_name = np.where(unlabelled, None, names[safe])
         frame = pd.DataFrame(
             {
                 "id": batch.ids,
-                "label": pd.array(np.where(labelled, labels, 0), dtype="Int64"),
-                "label_name": [classes[l] if l >= 0 else None for l in labels],
+                "label": pd.arrays.IntegerArray(safe.astype(np.int64), unlabelled),
+                "label_name": label_name,
                 "pred": pred.astype(np.int64),
-                "pred_name": [classes[p] for p in pred],
+                "pred_name": names[pred],
+                "class": np.where(unlabelled, names[pred], label_name),
                 "confidence": top.astype(np.float64),
-                "prob_true": prob_true,
-                "correct": correct,
+                "prob_true": np.where(unlabelled, np.nan, probs[rows, safe]),
+                "correct": pd.arrays.BooleanArray(correct, unlabelled),
                 "margin": (top - second).astype(np.float64),
-                "entropy": entropy.astype(np.float64),
+                "entropy": -(probs * np.log(np.clip(probs, 1e-12, 1.0))).sum(axis=1),
+                "error_confidence": np.where(~unlabelled & ~correct, top, np.nan),
                 "domain": [s.domain for s in batch.samples],
                 "group": [s.group for s in batch.samples],
             }
         )
-        frame.loc[~labelled, "label"] = pd.NA
-        frame["class"] = frame["label_name"].where(frame["label_name"].notna(), frame["pred_name"])
-        frame["error_confidence"] = np.where(labelled & (pred != labels), top, np.nan)
         if probs.shape[1] <= MAX_STORED_PROBABILITIES:
             frame["probabilities"] = list(probs.astype(np.float32))
         return frame

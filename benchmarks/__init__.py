@@ -1,0 +1,1 @@
+"""Benchmarks: run on demand (`make bench`), print ratios; never part of the test suite."""
