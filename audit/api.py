@@ -62,7 +62,7 @@ def _progress_factory(quiet: bool):  # type: ignore[no-untyped-def]
     return make
 
 
-def _first_readable(manifest: Manifest, channels: int | None) -> np.ndarray:
+def _first_readable(manifest: Manifest) -> np.ndarray:
     """The first sample that reads, to infer input size and channels for torch models."""
     from audit.data import read_input
     from audit.errors import SampleError
@@ -110,13 +110,13 @@ def run_audit(config: AuditConfig) -> RunOutcome:
     device = resolve_device(config.device)
     spec = InputSpec(channels=config.channels, size=tuple(config.input_size) if config.input_size else None, layout=config.layout)
     if not is_onnx(config.model) and (spec.size is None):
-        first = _first_readable(manifest, spec.channels)
+        first = _first_readable(manifest)
         spec.size = (int(first.shape[1]), int(first.shape[2]))
     tick = time.perf_counter()
     model = load_model(config.model, spec, device, config.weights, config.output_name)
     model_seconds = time.perf_counter() - tick
     if model.input_spec.channels is None:
-        model.input_spec.channels = int(_first_readable(manifest, None).shape[0])
+        model.input_spec.channels = int(_first_readable(manifest).shape[0])
     prep = Preprocessing.create(model.input_spec.size, model.input_spec.channels, config.mean, config.std)  # type: ignore[arg-type]
 
     store = RunStore(config.resolved_out())

@@ -24,6 +24,7 @@ SCHEMA_VERSION = "1.0"
 _UMASK = os.umask(0o022)
 os.umask(_UMASK)
 RESULTS = "results.json"
+REPORT_FILES = ("report.html", "report.pdf", "junit.xml")
 
 
 def atomic_write(path: Path, data: bytes) -> None:
@@ -67,8 +68,11 @@ class RunStore:
         return self.root / RESULTS
 
     def prepare(self) -> None:
-        """Create the run folder; stale tables and artifacts of an earlier run are removed."""
+        """Create the run folder and remove an earlier run's files, so a failed re-run never leaves
+        old results next to new tables. Other files in the folder (e.g. the demo's data) are kept."""
         self.root.mkdir(parents=True, exist_ok=True)
+        for name in (RESULTS, *REPORT_FILES):
+            (self.root / name).unlink(missing_ok=True)
         for sub in ("samples", "artifacts"):
             folder = self.root / sub
             if folder.is_dir():
