@@ -1,14 +1,17 @@
 """ONNX models: inference through onnxruntime, gradients through an onnx2torch conversion.
 
-Real-world files are messy: old opsets, a batch dimension fixed to 1, inputs named anything,
-several outputs, channels-last layouts. The adapter copes with each, and when the conversion to
-torch fails or disagrees with onnxruntime, gradient capabilities are withdrawn with the reason.
+Real-world files are messy: old opsets, auto_pad that onnx2torch refuses (see onnx_rewrite), a batch
+dimension fixed to 1, inputs named anything, several outputs, channels-last layouts. The adapter copes
+with each, and when the conversion to torch fails or disagrees with onnxruntime, gradient capabilities
+are withdrawn with the reason.
 """
 
 from __future__ import annotations
 
 import copy
 import warnings
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +21,7 @@ import onnxruntime as ort
 
 from audit.errors import InputError, ModelLoadError, first_line
 from audit.models.base import Capability, InputSpec, ModelAdapter, ModelFile
+from audit.models.onnx_rewrite import rewrite_for_conversion
 
 CONVERTER_OPSETS = (17, 13)  # opsets onnx2torch covers well; other files are converted to these first
 AGREEMENT_TOLERANCE = 1e-3
@@ -288,26 +292,70 @@ def _try_free_batch(
     return session, fixed
 
 
-def convert_to_torch(model: onnx.ModelProto, notes: list[str]) -> tuple[Any | None, str]:
-    """onnx2torch at the file's opset, else at the opsets it covers best (17, 13), each tried once."""
+@dataclass(frozen=True)
+class _Attempt:
+    label: str  # as the failure reason lists it: "as is", "rewritten", "rewritten at opset 17"
+    rewritten: bool
+    opset: int
+
+
+def convert_to_torch(
+    model: onnx.ModelProto, notes: list[str], input_dims: Mapping[str, Sequence[int | None]] | None = None
+) -> tuple[Any | None, str]:
+    """onnx2torch on the file as it is, then rewritten (explicit pads, ...), then rewritten and upgraded
+    to the opsets it covers best (17, 13). The reason on failure quotes the attempt that got furthest:
+    the last one onnx2torch itself refused, since it had the most obstacles removed already.
+    """
     from onnx2torch import convert
 
     native = _opset(model)
-    attempts = [native] + [v for v in CONVERTER_OPSETS if v != native]
-    first_error = ""
-    for opset in attempts:
+    try:
+        rewritten, changes = rewrite_for_conversion(model, input_dims)
+    except Exception as exc:  # noqa: BLE001 - a rewrite that cannot run only loses its own attempts
+        rewritten, changes = model, []
+        notes.append(f"ONNX rewrites for onnx2torch skipped ({first_line(exc)})")
+    attempts = [_Attempt("as is", False, native)]
+    if changes:
+        attempts.append(_Attempt("rewritten", True, native))
+    attempts += [_Attempt(f"{'rewritten ' if changes else ''}at opset {v}", bool(changes), v) for v in CONVERTER_OPSETS if v != native]
+    converter_error = version_error = ""
+    for attempt in attempts:
+        source = rewritten if attempt.rewritten else model
         try:
-            candidate = model if opset == native else onnx.version_converter.convert_version(model, opset)
+            candidate = source if attempt.opset == native else onnx.version_converter.convert_version(source, attempt.opset)
+        except Exception as exc:  # noqa: BLE001
+            version_error = version_error or f"opset {native} to {attempt.opset}: {first_line(exc)}"
+            continue
+        try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 graph_module = convert(candidate)
         except Exception as exc:  # noqa: BLE001
-            first_error = first_error or first_line(exc)
+            converter_error = first_line(exc)
             continue
-        if opset != native:
-            notes.append(f"opset {native} converted to opset {opset} for onnx2torch")
+        if attempt.rewritten:
+            notes.extend(f"rewritten for onnx2torch: {change}" for change in changes)
+        if attempt.opset != native:
+            notes.append(f"opset {native} converted to opset {attempt.opset} for onnx2torch")
         return graph_module, ""
-    return None, f"onnx2torch cannot convert the model ({first_error})"
+    tried = ", ".join(a.label for a in attempts)
+    return None, f"onnx2torch cannot convert the model ({converter_error or 'the ONNX version converter failed: ' + version_error}; tried {tried})"
+
+
+def _declared_dims(spec: InputSpec, dims: list[int | str | None]) -> list[int | None]:
+    """The graph input's shape with the open dims the audit's input spec fixes filled in (batch stays open)."""
+    height, width = spec.size or (None, None)
+    channels = spec.channels
+    by_layout: dict[str | None, list[int | None]] = {
+        "nchw": [None, channels, height, width],
+        "nhwc": [None, height, width, channels],
+        "nhw": [None, height, width],
+        "flat": [None, channels * height * width if channels and height and width else None],
+    }
+    wanted = by_layout.get(spec.layout, [])
+    if len(wanted) != len(dims):
+        return [d if isinstance(d, int) else None for d in dims]
+    return [d if isinstance(d, int) else w for d, w in zip(dims, wanted, strict=True)]
 
 
 def _convert(
@@ -319,7 +367,7 @@ def _convert(
     device: str,
     notes: list[str],
 ) -> tuple[dict[Capability, str | None], Any | None]:
-    """onnx2torch conversion, upgraded from old opsets if needed, verified against onnxruntime."""
+    """onnx2torch conversion, rewritten and upgraded from old opsets if needed, verified against onnxruntime."""
     import torch
 
     from audit.models.torch_adapter import FixedBatch, InputLayout, SelectOutput, gradient_reason, relu_module_reason
@@ -328,7 +376,7 @@ def _convert(
         notes.append(f"gradient probes unavailable: {reason}")
         return {c: reason for c in Capability}, None
 
-    graph_module, reason = convert_to_torch(model, notes)
+    graph_module, reason = convert_to_torch(model, notes, {spec.name: _declared_dims(spec, dims)})
     if graph_module is None:
         return unavailable(reason)
     module: torch.nn.Module = graph_module
