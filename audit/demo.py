@@ -240,9 +240,9 @@ def sensor(images: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     A gain change (overall, and per channel: a cooler white balance), defocus blur and read
     noise; each is mild on its own, as is typical of a simulation-to-data gap.
     """
-    gain = rng.uniform(0.85, 1.0, (images.shape[0], 1, 1, 1)) * np.array([0.75, 0.88, 1.0])
-    blurred = gaussian_filter(images, sigma=(0, 1.3, 1.3, 0), mode="nearest")
-    return np.clip(blurred * gain + rng.normal(0.0, 0.05, images.shape), 0.0, 1.0)
+    gain = rng.uniform(0.88, 1.0, (images.shape[0], 1, 1, 1)) * np.array([0.86, 0.93, 1.0])
+    blurred = gaussian_filter(images, sigma=(0, 0.8, 0.8, 0), mode="nearest")
+    return np.clip(blurred * gain + rng.normal(0.0, 0.03, images.shape), 0.0, 1.0)
 
 
 def _quantise(images: np.ndarray) -> np.ndarray:
@@ -310,13 +310,16 @@ def generate_dataset(
 
     Training: `n_train` images, classes balanced; with `correlated` a share `shortcut_share` of the
     wolves and `others_share` of the other animals stand on snow, else backgrounds are balanced
-    per class. Audit: per domain (`sim`, `data`) every class x background cell equally often.
-    The audit set depends only on the seed (not on `correlated` or `n_train`), and the control's
-    training animals are the same as the correlated split's, only their backgrounds differ: the
-    control isolates the shortcut.
+    per class. Audit, `sim`: more of the simulation the model was trained on, snow shortcut included
+    (as a simulation reproduces its generator's habits). Audit, `data`: the measured world, where
+    every class x background cell is equally common, seen through another sensor. A model that
+    learned the shortcut does well on `sim` and fails on `data`; the counterfactual background swaps
+    on `sim` expose it. The audit set depends only on the seed (not on `correlated` or `n_train`),
+    and the control's training animals are the same as the correlated split's, only their
+    backgrounds differ: the control isolates the shortcut.
     """
     root = Path(root)
-    train_rng, sim_rng, sensor_rng = (np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(3))
+    train_rng, sim_rng, data_rng, sensor_rng = (np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(4))
     k, b = len(CLASSES), len(BACKGROUNDS)
 
     labels = train_rng.permutation(np.resize(np.arange(k), n_train))
@@ -324,14 +327,18 @@ def generate_dataset(
     images, masks = render(draw_scenes(train_rng, labels, backgrounds, size), size)
     train = Split([f"train-{i:05d}" for i in range(n_train)], _quantise(images), masks, labels, backgrounds, ["sim"] * n_train)
 
-    cells = sim_rng.permutation(np.resize(np.arange(k * b), n_audit_per_domain))
-    scenes = draw_scenes(sim_rng, cells // b, cells % b, size)
-    clean, masks = render(scenes, size)
-    parts = [
-        Split([f"{domain}-{i:04d}" for i in range(n_audit_per_domain)], _quantise(images), masks, scenes.labels,
-              scenes.backgrounds, [domain] * n_audit_per_domain)
-        for domain, images in (("sim", clean), ("data", sensor(clean, sensor_rng)))
-    ]
+    sim_labels = sim_rng.permutation(np.resize(np.arange(k), n_audit_per_domain))
+    sim_backgrounds = _training_backgrounds(sim_rng, sim_labels, True, shortcut_share, others_share)
+    cells = data_rng.permutation(np.resize(np.arange(k * b), n_audit_per_domain))
+    parts = []
+    for domain, rng, labels_, backgrounds_ in (("sim", sim_rng, sim_labels, sim_backgrounds),
+                                                ("data", data_rng, cells // b, cells % b)):
+        scenes = draw_scenes(rng, labels_, backgrounds_, size)
+        images_, masks_ = render(scenes, size)
+        if domain == "data":
+            images_ = sensor(images_, sensor_rng)
+        parts.append(Split([f"{domain}-{i:04d}" for i in range(n_audit_per_domain)], _quantise(images_), masks_,
+                           scenes.labels, scenes.backgrounds, [domain] * n_audit_per_domain))
     audit = Split(
         ids=parts[0].ids + parts[1].ids,
         images=np.concatenate([p.images for p in parts]),

@@ -138,21 +138,24 @@ def test_audit_manifest_loads_with_sim_and_data_domains(small: DemoData) -> None
     assert manifest.domains == ["data", "sim"]
     assert len(manifest.samples) == 48 and all(s.mask is not None and s.label is not None for s in manifest.samples)
     assert all(s.meta["background"] in BACKGROUNDS for s in manifest.samples)
-    for domain in ("sim", "data"):
-        cells = Counter((s.label, s.meta["background"]) for s in manifest.samples if s.domain == domain)
-        assert set(cells.values()) == {2}  # backgrounds independent of the class: every cell equally often
+    data_cells = Counter((s.label, s.meta["background"]) for s in manifest.samples if s.domain == "data")
+    assert set(data_cells.values()) == {2}  # measured data: backgrounds independent of the class
+    sim_wolves = Counter(s.meta["background"] for s in manifest.samples if s.domain == "sim" and s.label == WOLF)
+    assert sim_wolves["snow"] == round(0.95 * sum(sim_wolves.values()))  # simulation: the training habit, shortcut included
 
 
-def test_data_domain_is_the_sim_scenes_through_a_sensor(small: DemoData) -> None:
-    audit = small.audit
-    sim, data = slice(0, 24), slice(24, 48)
-    assert [i.replace("sim-", "") for i in audit.ids[sim]] == [i.replace("data-", "") for i in audit.ids[data]]
-    np.testing.assert_array_equal(audit.labels[sim], audit.labels[data])
-    np.testing.assert_array_equal(audit.masks[sim], audit.masks[data])
-    clean, sensed = audit.images[sim].astype(float), audit.images[data].astype(float)
-    assert sensed.mean() < 0.9 * clean.mean()  # gain
-    assert sensed[..., 0].mean() / sensed[..., 2].mean() < clean[..., 0].mean() / clean[..., 2].mean()  # white balance
-    assert np.abs(sensed - clean).mean() > 10  # blur and noise on top
+def test_sensor_changes_gain_white_balance_and_sharpness() -> None:
+    rng = np.random.default_rng(0)
+    clean = demo.render(demo.draw_scenes(rng, np.arange(3), np.arange(3)))[0]
+    sensed = demo.sensor(clean, np.random.default_rng(1))
+    assert sensed.mean() < 0.97 * clean.mean()  # gain
+    assert sensed[..., 0].mean() / sensed[..., 2].mean() < 0.95 * clean[..., 0].mean() / clean[..., 2].mean()  # white balance
+    step = np.zeros((8, 48, 48, 3))
+    step[:, :, 24:] = 1.0  # a sharp edge between columns 23 and 24
+    profile = demo.sensor(step, np.random.default_rng(2)).mean(axis=(0, 1, 3))
+    assert profile[23] > 0.1 and profile[24] < 0.85  # blurred across the edge
+    flat = demo.sensor(np.full((2, 48, 48, 3), 0.5), np.random.default_rng(3))
+    assert 0.02 < (flat - flat.mean(axis=(1, 2), keepdims=True)).std() < 0.04  # read noise
 
 
 def test_training_is_deterministic_and_the_export_matches(small: DemoData, tmp_path: Path) -> None:
@@ -208,10 +211,12 @@ def test_demo_audit_finds_the_shortcut_and_the_domain_gap(demo_run) -> None:  # 
     assert (out / "model" / "weights.pt").is_file() and (out / "model" / "demo.onnx").is_file()
     assert (out / "results.json").is_file()
     findings = {(f["rule"], f["scope"]): f for f in outcome.results["findings"]}
-    assert findings[("class-recall-floor", "class:wolf")]["status"] == "fail"
+    assert findings[("class-recall-floor", "class:wolf")]["status"] in ("warn", "fail")
     assert findings[("domain-accuracy-gap", "domain:data")]["status"] == "fail"
     metrics = outcome.results["metrics"]
-    assert metrics["predictions.accuracy@domain:sim"] - metrics["predictions.accuracy@domain:data"] > 0.1
+    assert metrics["predictions.accuracy@domain:sim"] > 0.85
+    assert metrics["predictions.accuracy@domain:sim"] - metrics["predictions.accuracy@domain:data"] > 0.3
+    assert metrics["predictions.recall@domain:data/class:wolf"] < 0.5  # off snow, wolves are missed
     assert outcome.results["manifest"]["domains"] == {"data": 240, "sim": 240}
     assert outcome.results["config"]["model_card"]["name"] == "husky-vs-wolf demo CNN"
 
@@ -221,7 +226,7 @@ def test_correlated_model_takes_the_shortcut_and_the_control_does_not(demo_run, 
     out, outcome = demo_run
     data, control_model = control
     audit = data.audit
-    sim = np.array(audit.domains) == "sim"
+    measured = np.array(audit.domains) == "data"  # every class on every background: where the shortcut shows
     model = demo.build_model()
     model.load_state_dict(torch.load(out / "model" / "weights.pt", weights_only=True))
     images = np.stack([np.asarray(Image.open(out / "data" / r["path"])) for r in read_rows(out / "data" / "manifest.csv")])
@@ -229,15 +234,15 @@ def test_correlated_model_takes_the_shortcut_and_the_control_does_not(demo_run, 
 
     predicted = demo.predict(model, audit.images)
     assert np.isclose((predicted == audit.labels).mean(), outcome.results["metrics"]["predictions.accuracy"])  # ONNX audit == torch
-    on_snow, elsewhere = on_off_snow_accuracy((predicted == audit.labels)[sim], audit.labels[sim], audit.backgrounds[sim])
-    assert elsewhere > 0.9 and on_snow < elsewhere - 0.5
-    wolves_elsewhere = sim & (audit.labels == WOLF) & (audit.backgrounds != SNOW)
+    on_snow, elsewhere = on_off_snow_accuracy((predicted == audit.labels)[measured], audit.labels[measured], audit.backgrounds[measured])
+    assert elsewhere > 0.7 and on_snow < elsewhere - 0.5
+    wolves_elsewhere = measured & (audit.labels == WOLF) & (audit.backgrounds != SNOW)
     assert (predicted[wolves_elsewhere] == WOLF).mean() < 0.3
-    victims = sim & (audit.labels != WOLF) & (audit.backgrounds == SNOW)
+    victims = measured & (audit.labels != WOLF) & (audit.backgrounds == SNOW)
     assert (predicted[victims] == WOLF).mean() > 0.5
 
     control_predicted = demo.predict(control_model, audit.images)
     correct = control_predicted == audit.labels
-    on_snow, elsewhere = on_off_snow_accuracy(correct[sim], audit.labels[sim], audit.backgrounds[sim])
-    assert correct[sim].mean() > 0.85 and abs(on_snow - elsewhere) < 0.1
-    assert (control_predicted[wolves_elsewhere] == WOLF).mean() > 0.8
+    on_snow, elsewhere = on_off_snow_accuracy(correct[measured], audit.labels[measured], audit.backgrounds[measured])
+    assert correct.mean() > 0.8 and abs(on_snow - elsewhere) < 0.15
+    assert (control_predicted[wolves_elsewhere] == WOLF).mean() > 0.6
