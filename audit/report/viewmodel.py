@@ -132,6 +132,18 @@ class Tables:
             self._cache[name] = pd.read_parquet(path) if path.is_file() else None
         return self._cache[name]
 
+    def facts(self, ids: set[str]) -> dict[str, str]:
+        """id -> 'true -> predicted (confidence)' for evidence captions, from the predictions table."""
+        table = self._load("predictions")
+        if table is None or not ids:
+            return {}
+        rows = table[table["id"].isin(ids)]
+        out = {}
+        for row in rows.itertuples():
+            truth = row.label_name if isinstance(row.label_name, str) else "?"
+            out[str(row.id)] = f"{truth} → {row.pred_name} ({row.confidence:.0%})"
+        return out
+
     def top(self, name: str, column: str, n: int = 12, ascending: bool = False) -> list[dict[str, Any]]:
         """The n rows with the largest (or smallest) non-missing `column`, as dicts."""
         table = self._load(name)
@@ -151,10 +163,10 @@ def rule_limit(rules: list[dict[str, Any]], rule_id: str, status: str = "fail") 
     return None
 
 
-def _finding_view(f: dict[str, Any], units: dict[str, str], thumbs: Thumbnails) -> dict[str, Any]:
+def _finding_view(f: dict[str, Any], units: dict[str, str], thumbs: Thumbnails, facts: dict[str, str]) -> dict[str, Any]:
     unit = unit_of(f["metric"], units)
     limit = threshold_text(f.get("op"), f.get("threshold"), lambda v: format_value(v, unit))
-    evidence = [{"id": i, "thumb": thumbs(i)} for i in f.get("evidence", [])]
+    evidence = [{"id": i, "thumb": thumbs(i), "fact": facts.get(i, "")} for i in f.get("evidence", [])]
     return {
         **f,
         "scope_display": display_scope(f["scope"]) if not f["scope"].startswith("per ") else f["scope"],
@@ -191,7 +203,9 @@ def build_view(run_dir: Path, results: dict[str, Any], results_sha256: str) -> d
     reader = MetricReader(results["metrics"], units)
     sample_images = results.get("run", {}).get("sample_images", True)
     thumbs = Thumbnails(run_dir, results.get("thumbnails", {}), sample_images)
-    findings = [_finding_view(f, units, thumbs) for f in results["findings"]]
+    tables = Tables(run_dir)
+    facts = tables.facts({i for f in results["findings"] if f["status"] != "pass" for i in f.get("evidence", [])})
+    findings = [_finding_view(f, units, thumbs, facts) for f in results["findings"]]
     by_status = {s: [f for f in findings if f["status"] == s] for s in STATUS_ORDER}
     attention = by_status["error"] + by_status["fail"] + by_status["warn"]
     counts = {s: sum(1 for f in attention if f["severity"] == s) for s in SEVERITY_ORDER}
@@ -253,7 +267,7 @@ def build_view(run_dir: Path, results: dict[str, Any], results_sha256: str) -> d
         "rules": rules,
         "config_yaml": yaml.safe_dump(config, sort_keys=True, allow_unicode=True, width=100),
         "display_scope": display_scope,
-        "tables": Tables(run_dir),
+        "tables": tables,
         "rule_limit": lambda rule_id, status="fail": rule_limit(rules, rule_id, status),
         "scope_of": lambda **parts: scope(**parts),
     }
