@@ -1,0 +1,37 @@
+"""Attribution maps (captum, batched) and the checks that say whether to trust them."""
+
+from audit.attribution.evaluation import (
+    DeletionResult,
+    RandomisationResult,
+    deletion_curve,
+    randomisation_test,
+    spearman_rows,
+)
+from audit.attribution.methods import (
+    METHODS,
+    AttributionParams,
+    AttributionUnsupported,
+    Method,
+    attribute,
+    baseline_for,
+    find_last_conv,
+    positive_mass,
+    unsupported_reason,
+)
+
+__all__ = [
+    "METHODS",
+    "AttributionParams",
+    "AttributionUnsupported",
+    "DeletionResult",
+    "Method",
+    "RandomisationResult",
+    "attribute",
+    "baseline_for",
+    "deletion_curve",
+    "find_last_conv",
+    "positive_mass",
+    "randomisation_test",
+    "spearman_rows",
+    "unsupported_reason",
+]

@@ -1,0 +1,662 @@
+"""One registry of attribution methods, each explaining a target class for a batch, as 2-D maps.
+
+Every method runs through captum except KernelSHAP, which captum fits one example at a time; here
+the coalitions are drawn once (with captum's own sampler) and shared by the whole batch, so the
+model sees batched perturbations and one least-squares solve serves every sample. Inputs are
+processed in chunks so a large sample never holds one giant graph (GPU memory was the most common
+complaint about attribution tools); a forward pass holds about `internal_batch_size` images for
+methods that evaluate each input several times.
+
+Methods that rewrite ReLU backward passes (guided backprop, deconvolution, guided Grad-CAM) or
+hook every nonlinearity (DeepLift) only mean something when every ReLU is an `nn.ReLU` module:
+`unsupported_reason` refuses them otherwise, and `attribute` checks again before running, so they
+are never reported as if they had run on a model where they silently fall back to plain gradients.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import math
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from audit.errors import AuditError
+from audit.models.base import Capability
+
+Forward = Callable[[Tensor], Tensor]
+Normalisation = tuple[Sequence[float], Sequence[float]]
+
+_G, _H, _R = Capability.GRADIENTS, Capability.HOOKS, Capability.RELU_MODULES
+
+
+class AttributionUnsupported(AuditError):
+    """The method cannot run faithfully on this model; the message says why."""
+
+
+@dataclass(frozen=True)
+class Method:
+    """What a method needs from the model and how to read its maps; `reference` is cited in the report."""
+
+    name: str
+    title: str
+    requires: frozenset[Capability]
+    gradient: bool  # False: runs on any forward function (onnxruntime included), no autograd
+    signed: bool  # whether raw attributions carry sign
+    reference: str
+
+
+METHODS: dict[str, Method] = {
+    m.name: m
+    for m in (
+        Method(
+            "saliency", "Saliency (gradient magnitude)", frozenset({_G}), True, False,
+            "Simonyan, Vedaldi, Zisserman. Deep Inside Convolutional Networks: Visualising Image "
+            "Classification Models and Saliency Maps. ICLR workshop 2014.",
+        ),
+        Method(
+            "gradient_x_input", "Gradient x input", frozenset({_G}), True, True,
+            "Shrikumar, Greenside, Shcherbina, Kundaje. Not Just a Black Box: Learning Important Features "
+            "Through Propagating Activation Differences. arXiv:1605.01713, 2016.",
+        ),
+        Method(
+            "integrated_gradients", "Integrated Gradients", frozenset({_G}), True, True,
+            "Sundararajan, Taly, Yan. Axiomatic Attribution for Deep Networks. ICML 2017.",
+        ),
+        Method(
+            "smoothgrad", "SmoothGrad", frozenset({_G}), True, False,
+            "Smilkov, Thorat, Kim, Viegas, Wattenberg. SmoothGrad: removing noise by adding noise. "
+            "ICML workshop 2017.",
+        ),
+        Method(
+            "gradcam", "Grad-CAM", frozenset({_G, _H}), True, False,
+            "Selvaraju, Cogswell, Das, Vedantam, Parikh, Batra. Grad-CAM: Visual Explanations from Deep "
+            "Networks via Gradient-based Localization. ICCV 2017.",
+        ),
+        Method(
+            "guided_backprop", "Guided backpropagation", frozenset({_G, _H, _R}), True, True,
+            "Springenberg, Dosovitskiy, Brox, Riedmiller. Striving for Simplicity: The All Convolutional "
+            "Net. ICLR workshop 2015.",
+        ),
+        Method(
+            "deconvolution", "Deconvolution", frozenset({_G, _H, _R}), True, True,
+            "Zeiler, Fergus. Visualizing and Understanding Convolutional Networks. ECCV 2014.",
+        ),
+        Method(
+            "guided_gradcam", "Guided Grad-CAM", frozenset({_G, _H, _R}), True, True,
+            "Selvaraju, Cogswell, Das, Vedantam, Parikh, Batra. Grad-CAM: Visual Explanations from Deep "
+            "Networks via Gradient-based Localization. ICCV 2017.",
+        ),
+        Method(
+            "deeplift", "DeepLift (rescale rule)", frozenset({_G, _H, _R}), True, True,
+            "Shrikumar, Greenside, Kundaje. Learning Important Features Through Propagating Activation "
+            "Differences. ICML 2017.",
+        ),
+        Method(
+            "gradient_shap", "GradientSHAP", frozenset({_G}), True, True,
+            "Lundberg, Lee. A Unified Approach to Interpreting Model Predictions. NeurIPS 2017.",
+        ),
+        Method(
+            "occlusion", "Occlusion (sliding window)", frozenset(), False, True,
+            "Zeiler, Fergus. Visualizing and Understanding Convolutional Networks. ECCV 2014.",
+        ),
+        Method(
+            "feature_ablation", "Feature ablation (grid cells)", frozenset(), False, True,
+            "Zeiler, Fergus. Visualizing and Understanding Convolutional Networks. ECCV 2014 "
+            "(occlusion of a fixed grid of cells).",
+        ),
+        Method(
+            "kernel_shap", "KernelSHAP (grid cells)", frozenset(), False, True,
+            "Lundberg, Lee. A Unified Approach to Interpreting Model Predictions. NeurIPS 2017.",
+        ),
+    )
+}
+
+# Methods that hook modules of the model itself (not just the score function).
+_MODULE_METHODS = frozenset({"gradcam", "guided_backprop", "deconvolution", "guided_gradcam", "deeplift"})
+_LAYER_METHODS = frozenset({"gradcam", "guided_gradcam"})
+_BASELINE_METHODS = frozenset({"integrated_gradients", "deeplift", "occlusion", "feature_ablation"})
+_MAGNITUDE = frozenset({"saliency", "smoothgrad"})  # sum of |.| over channels
+_PERTURBATION = frozenset({"occlusion", "feature_ablation", "kernel_shap"})
+# Checked first: the most specific reason wins (a TorchScript file lacks hooks *and* ReLU modules).
+_REASON_ORDER = (Capability.GRADIENTS, Capability.RELU_MODULES, Capability.HOOKS, Capability.NAMED_LAYERS)
+
+_CAPTUM_CHATTER = (
+    r"Setting backward hooks on ReLU activations",
+    r"Setting forward, backward hooks and attributes on non-linear",
+    r"Input Tensor \d+ did not already require gradients",
+    r"You are providing multiple inputs for Lime",
+)
+
+
+@dataclass
+class AttributionParams:
+    """How hard each method works. Defaults suit a CPU smoke run; probes pass profile values.
+
+    `batch_size` inputs are explained per chunk (the graph is freed between chunks).
+    `internal_batch_size` bounds the images in one forward pass for methods that evaluate each input
+    several times: Integrated Gradients' steps, SmoothGrad's noise samples, GradientSHAP's samples,
+    and the perturbations of occlusion, feature ablation and KernelSHAP (`perturbations_per_eval`
+    is the most perturbations of one input per pass, lowered to keep within that bound).
+    `smoothgrad_stdev` is a fraction of the nominal input range (pixels in [0, 1] through the
+    normalisation). `grid` cells per side define the features of feature ablation and KernelSHAP.
+    `seed` makes the stochastic methods (SmoothGrad, GradientSHAP, KernelSHAP) reproducible without
+    touching the caller's random state.
+    """
+
+    ig_steps: int = 32
+    internal_batch_size: int = 32
+    baseline: Literal["zeros", "blur", "mean"] = "zeros"
+    smoothgrad_samples: int = 16
+    smoothgrad_stdev: float = 0.15
+    shap_samples: int = 16
+    kernel_shap_samples: int = 200
+    grid: int = 8
+    occlusion_window: int | None = None
+    occlusion_stride: int | None = None
+    perturbations_per_eval: int = 32
+    batch_size: int = 32
+    layer: str | None = None
+    seed: int = 0
+
+
+def _channel_vector(values: Sequence[float], channels: int, like: Tensor) -> Tensor:
+    v = torch.as_tensor(list(values), dtype=like.dtype, device=like.device).reshape(-1)
+    if v.numel() == 1:
+        v = v.expand(channels)
+    if v.numel() != channels:
+        raise ValueError(f"normalisation has {v.numel()} values for {channels} channels")
+    return v.reshape(1, channels, 1, 1)
+
+
+def baseline_for(
+    x: Tensor,
+    kind: str,
+    pixel_mean: Tensor | None = None,
+    normalisation: Normalisation = ((0.0,), (1.0,)),
+    blur_sigma: float | None = None,
+) -> Tensor:
+    """The reference input, in the model's normalised space, with the shape of `x`.
+
+    "zeros" is a black image in pixel space, i.e. (0 - mean) / std after normalisation (a zero
+    tensor would be the mean colour, not black). "blur" is a strongly blurred copy of each input
+    (sigma = a tenth of the longer side unless given): it removes the detail the model might use
+    while keeping colours (Fong & Vedaldi, ICCV 2017; compared with black by Sturmfels, Lundberg,
+    Lee, "Visualizing the Impact of Feature Attribution Baselines", Distill 2020).
+    "mean" is the per-channel mean of `x` over the batch and pixels, or `pixel_mean` when given
+    (so chunks of one batch share one baseline).
+    """
+    x = x.detach()
+    channels = x.shape[1]
+    if kind == "zeros":
+        mean = _channel_vector(normalisation[0], channels, x)
+        std = _channel_vector(normalisation[1], channels, x)
+        return ((0.0 - mean) / std).expand_as(x).contiguous()
+    if kind == "mean":
+        m = x.mean(dim=(0, 2, 3)) if pixel_mean is None else pixel_mean.to(x)
+        return m.reshape(1, channels, 1, 1).expand_as(x).contiguous()
+    if kind == "blur":
+        sigma = blur_sigma if blur_sigma is not None else max(x.shape[2], x.shape[3]) / 10.0
+        return gaussian_blur(x, sigma)
+    raise ValueError(f"unknown baseline {kind!r} (zeros, blur, mean)")
+
+
+def gaussian_blur(x: Tensor, sigma: float) -> Tensor:
+    """Separable Gaussian blur with replicated borders (no dark frame bleeding in from zero padding)."""
+    if sigma <= 0:
+        return x.clone()
+    radius = max(1, math.ceil(3.0 * sigma))
+    offsets = torch.arange(-radius, radius + 1, dtype=x.dtype, device=x.device)
+    kernel = torch.exp(-0.5 * (offsets / sigma) ** 2)
+    kernel = kernel / kernel.sum()
+    channels = x.shape[1]
+    horizontal = kernel.reshape(1, 1, 1, -1).expand(channels, 1, 1, -1)
+    vertical = kernel.reshape(1, 1, -1, 1).expand(channels, 1, -1, 1)
+    out = F.conv2d(_replicate_pad(x, (radius, radius, 0, 0)), horizontal, groups=channels)
+    return F.conv2d(_replicate_pad(out, (0, 0, radius, radius)), vertical, groups=channels)
+
+
+def _replicate_pad(x: Tensor, pad: tuple[int, int, int, int]) -> Tensor:
+    """Replicate padding by indexing, so the pad may be wider than the image (sigma large vs a tiny input)."""
+    left, right, top, bottom = pad
+    h, w = x.shape[2], x.shape[3]
+    cols = torch.arange(-left, w + right, device=x.device).clamp(0, w - 1)
+    rows = torch.arange(-top, h + bottom, device=x.device).clamp(0, h - 1)
+    return x[:, :, rows][:, :, :, cols]
+
+
+def find_last_conv(module: nn.Module) -> str | None:
+    """Name of the last nn.Conv2d in registration order: Grad-CAM's default layer (Selvaraju et al.)."""
+    last = None
+    for name, sub in module.named_modules():
+        if name and isinstance(sub, nn.Conv2d):
+            last = name
+    return last
+
+
+def unsupported_reason(
+    method: Method | str,
+    capabilities: dict[Capability, str | None],
+    module: nn.Module | None,
+    layer: str | None = None,
+) -> str | None:
+    """None if the method can run on this model; otherwise why not, in the adapter's own words."""
+    spec = _spec(method)
+    for cap in _REASON_ORDER:
+        if cap in spec.requires:
+            if cap not in capabilities:
+                return f"{cap.value}: not declared by this model format"
+            if capabilities[cap] is not None:
+                return capabilities[cap]
+    if spec.name in _MODULE_METHODS and module is None:
+        return "no torch module to attach hooks to"
+    if spec.name in _LAYER_METHODS:
+        assert module is not None
+        if layer is not None:
+            if layer not in dict(module.named_modules()):
+                return f"layer {layer!r} not found in the model"
+        elif find_last_conv(module) is None:
+            return "no convolution layer for Grad-CAM"
+    return None
+
+
+def positive_mass(maps: np.ndarray | Tensor) -> np.ndarray:
+    """clamp(map, 0): the evidence *for* the class, which localisation metrics compare with masks."""
+    if isinstance(maps, Tensor):
+        maps = maps.detach().cpu().numpy()
+    return np.clip(np.asarray(maps, dtype=np.float32), 0.0, None)
+
+
+def occlusion_geometry(height: int, width: int, params: AttributionParams) -> tuple[tuple[int, int], tuple[int, int]]:
+    """Window about 1/8 of each side and stride half the window, unless the params fix them."""
+    window = []
+    stride = []
+    for side in (height, width):
+        w = params.occlusion_window or max(1, round(side / 8))
+        w = min(w, side)
+        s = params.occlusion_stride or max(1, w // 2)
+        window.append(w)
+        stride.append(min(s, w))
+    return (window[0], window[1]), (stride[0], stride[1])
+
+
+def grid_mask(height: int, width: int, cells: int, device: torch.device | str = "cpu") -> Tensor:
+    """(H, W) LongTensor of cell ids, `cells` per side (fewer on tiny inputs), numbered row-major."""
+    gy, gx = max(1, min(cells, height)), max(1, min(cells, width))
+    rows = torch.arange(height, device=device) * gy // height
+    cols = torch.arange(width, device=device) * gx // width
+    return rows[:, None] * gx + cols[None, :]
+
+
+def input_range(normalisation: Normalisation) -> float:
+    """Width of the pixel range [0, 1] in normalised space, averaged over channels."""
+    return float(np.mean([1.0 / s for s in normalisation[1]]))
+
+
+class _ScoreModule(nn.Module):
+    """Presents a score function as an nn.Module whose only child is the model.
+
+    captum's hook-based methods need a module to hook and to call; the score function (e.g. logits
+    from a sigmoid output) is kept out of the module tree so nothing is hooked twice.
+    """
+
+    def __init__(self, module: nn.Module, forward: Forward) -> None:
+        super().__init__()
+        self.inner = module
+        self.__dict__["_scores"] = forward
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self._scores(x)
+
+
+@contextlib.contextmanager
+def seeded(seed: int, device: torch.device) -> Iterator[None]:
+    """Seed torch and numpy (captum draws from both) and restore the caller's random state afterwards."""
+    state = np.random.get_state()
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        np.random.seed(seed % 2**32)
+        try:
+            yield
+        finally:
+            np.random.set_state(state)
+
+
+def _spec(method: Method | str) -> Method:
+    if isinstance(method, Method):
+        return method
+    try:
+        return METHODS[method]
+    except KeyError:
+        raise ValueError(f"unknown attribution method {method!r} (known: {', '.join(METHODS)})") from None
+
+
+def _layer(module: nn.Module, params: AttributionParams) -> nn.Module:
+    name = params.layer or find_last_conv(module)
+    if name is None:
+        raise AttributionUnsupported("no convolution layer for Grad-CAM")
+    modules = dict(module.named_modules())
+    if name not in modules:
+        raise AttributionUnsupported(f"layer {name!r} not found in the model")
+    return modules[name]
+
+
+def _reduce(name: str, raw: Tensor) -> Tensor:
+    if name in _MAGNITUDE:
+        return raw.abs().sum(dim=1)
+    if name == "gradcam":
+        return raw[:, 0]
+    if name in _PERTURBATION:
+        # A perturbation removes all channels of a region at once: every channel carries the same
+        # value, the region's effect, so the mean keeps that value (a sum would scale it by C).
+        return raw.mean(dim=1)
+    return raw.sum(dim=1)
+
+
+def attribute(
+    method: str,
+    forward: Forward | nn.Module,
+    x: Tensor,
+    target: Tensor,
+    params: AttributionParams,
+    normalisation: Normalisation = ((0.0,), (1.0,)),
+    module: nn.Module | None = None,
+) -> np.ndarray:
+    """Explain `target` for every input of `x`: float32 (N, H, W) maps at input resolution.
+
+    `forward` maps normalised NCHW input to per-class scores (N, K); for gradient methods it must
+    be differentiable (e.g. `lambda t: interpretation.torch_scores(module(t))`), for occlusion,
+    feature ablation and KernelSHAP any function returning a tensor will do (onnxruntime included).
+    Hook and layer methods also need `module`, the nn.Module `forward` runs.
+    Channel reduction: saliency and SmoothGrad sum |.| (magnitude); Grad-CAM is the ReLU'd class map
+    upsampled bilinearly; perturbation methods take the region's effect (channel mean); every other
+    signed method sums over channels.
+    """
+    spec = _spec(method)
+    if x.ndim != 4:
+        raise ValueError(f"expected NCHW input, got shape {tuple(x.shape)}")
+    x = x.detach()
+    target = torch.as_tensor(target, dtype=torch.long, device=x.device).reshape(-1)
+    if target.numel() != x.shape[0]:
+        raise ValueError(f"{target.numel()} targets for {x.shape[0]} inputs")
+    if x.shape[0] == 0:
+        return np.zeros((0, x.shape[2], x.shape[3]), dtype=np.float32)
+    if spec.name in _MODULE_METHODS:
+        module = _module_for(spec, forward, module, x)
+    pixel_mean = x.mean(dim=(0, 2, 3)) if params.baseline == "mean" else None
+    with warnings.catch_warnings(), seeded(params.seed, x.device):
+        for pattern in _CAPTUM_CHATTER:
+            warnings.filterwarnings("ignore", message=pattern)
+        if spec.name == "kernel_shap":
+            return _kernel_shap(forward, x, target, params, normalisation, pixel_mean)
+        run = _runner(spec.name, forward, module, x, params, normalisation, pixel_mean)
+        chunk = params.batch_size
+        if spec.name == "gradient_shap":
+            chunk = min(chunk, params.internal_batch_size // max(1, params.shap_samples))
+        chunk = max(1, chunk)
+        maps = []
+        for start in range(0, x.shape[0], chunk):
+            xc = x[start : start + chunk]
+            base = (
+                baseline_for(xc, params.baseline, pixel_mean, normalisation)
+                if spec.name in _BASELINE_METHODS
+                else None
+            )
+            if spec.gradient:
+                xc = xc.clone().requires_grad_(True)
+            with torch.enable_grad() if spec.gradient else torch.no_grad():
+                raw = run(xc, target[start : start + chunk], base)
+            maps.append(_reduce(spec.name, raw.detach()).float().cpu().numpy())
+            del raw, xc, base
+        return np.concatenate(maps).astype(np.float32, copy=False)
+
+
+def _module_for(spec: Method, forward: Forward | nn.Module, module: nn.Module | None, x: Tensor) -> nn.Module:
+    if module is None:
+        if isinstance(forward, nn.Module):
+            module = forward
+        else:
+            raise AttributionUnsupported(f"{spec.name} needs the torch module (pass module=...)")
+    if Capability.RELU_MODULES in spec.requires:
+        from audit.models.torch_adapter import relu_module_reason
+
+        reason = relu_module_reason(module, x[:1])
+        if reason is not None:
+            raise AttributionUnsupported(reason)
+    return module
+
+
+def _hookable(forward: Forward | nn.Module, module: nn.Module) -> nn.Module:
+    return forward if forward is module else _ScoreModule(module, forward)
+
+
+def _runner(
+    name: str,
+    forward: Forward | nn.Module,
+    module: nn.Module | None,
+    x: Tensor,
+    params: AttributionParams,
+    normalisation: Normalisation,
+    pixel_mean: Tensor | None,
+) -> Callable[[Tensor, Tensor, Tensor | None], Tensor]:
+    """Build the captum object once; return chunk -> raw attribution (N, C, H, W) or (N, 1, H, W)."""
+    from captum import attr as ca
+
+    height, width = x.shape[2], x.shape[3]
+    budget = max(1, params.internal_batch_size)
+
+    def per_eval(n: int) -> int:
+        return max(1, min(params.perturbations_per_eval, budget // n))
+
+    if name == "saliency":
+        sal = ca.Saliency(forward)
+        return lambda xc, tc, _b: sal.attribute(xc, target=tc, abs=True)
+    if name == "gradient_x_input":
+        ixg = ca.InputXGradient(forward)
+        return lambda xc, tc, _b: ixg.attribute(xc, target=tc)
+    if name == "integrated_gradients":
+        ig = ca.IntegratedGradients(forward)
+        return lambda xc, tc, b: ig.attribute(
+            xc, baselines=b, target=tc, n_steps=params.ig_steps, internal_batch_size=max(budget, xc.shape[0])
+        )
+    if name == "smoothgrad":
+        # Raw gradients are averaged and the magnitude taken afterwards (Smilkov et al.): averaging
+        # |gradients| would never let the noise cancel.
+        nt = ca.NoiseTunnel(ca.Saliency(forward))
+        stdev = float(params.smoothgrad_stdev * input_range(normalisation))
+        return lambda xc, tc, _b: nt.attribute(
+            xc,
+            nt_type="smoothgrad",
+            nt_samples=params.smoothgrad_samples,
+            nt_samples_batch_size=max(1, min(params.smoothgrad_samples, budget // xc.shape[0])),
+            stdevs=stdev,
+            target=tc,
+            abs=False,
+        )
+    if name == "gradcam":
+        assert module is not None
+        gc = ca.LayerGradCam(forward, _layer(module, params))
+
+        def gradcam(xc: Tensor, tc: Tensor, _b: Tensor | None) -> Tensor:
+            coarse = gc.attribute(xc, target=tc, relu_attributions=True)
+            if not isinstance(coarse, Tensor) or coarse.ndim != 4:
+                raise AttributionUnsupported(
+                    f"Grad-CAM layer {params.layer or find_last_conv(module)!r} does not output an N x C x H x W map"
+                )
+            return ca.LayerAttribution.interpolate(coarse, (height, width), "bilinear")
+
+        return gradcam
+    if name in ("guided_backprop", "deconvolution"):
+        assert module is not None
+        cls = ca.GuidedBackprop if name == "guided_backprop" else ca.Deconvolution
+        gb = cls(_hookable(forward, module))
+        return lambda xc, tc, _b: gb.attribute(xc, target=tc)
+    if name == "guided_gradcam":
+        assert module is not None
+        ggc = ca.GuidedGradCam(_hookable(forward, module), _layer(module, params))
+
+        def guided_gradcam(xc: Tensor, tc: Tensor, _b: Tensor | None) -> Tensor:
+            out = ggc.attribute(xc, target=tc, interpolate_mode="bilinear")
+            if out.numel() == 0:  # captum swallows interpolation failures and returns an empty tensor
+                raise AttributionUnsupported("Guided Grad-CAM could not upsample the layer's map to the input")
+            return out
+
+        return guided_gradcam
+    if name == "deeplift":
+        assert module is not None
+        dl = _deeplift()(_hookable(forward, module))
+
+        def deeplift(xc: Tensor, tc: Tensor, b: Tensor | None) -> Tensor:
+            try:
+                return dl.attribute(xc, baselines=b, target=tc)
+            except RuntimeError as exc:
+                if "used more than once" in str(exc):
+                    raise AttributionUnsupported(
+                        "a nonlinearity module is called more than once per forward pass; DeepLift needs one module per use"
+                    ) from None
+                raise
+
+        return deeplift
+    if name == "gradient_shap":
+        gs = ca.GradientShap(forward)
+        # A fixed reference (black, mean) is a single baseline; with "blur" the blurred copies of the
+        # whole batch form the baseline distribution (as SHAP's background set), whatever the chunking.
+        reference = baseline_for(x, params.baseline, pixel_mean, normalisation)
+        reference = reference if params.baseline == "blur" else reference[:1]
+
+        def gradient_shap(xc: Tensor, tc: Tensor, _b: Tensor | None) -> Tensor:
+            return gs.attribute(xc, baselines=reference, n_samples=params.shap_samples, stdevs=0.0, target=tc)
+
+        return gradient_shap
+    if name == "occlusion":
+        occ = ca.Occlusion(forward)
+        (wh, ww), (sh, sw) = occlusion_geometry(height, width, params)
+        return lambda xc, tc, b: occ.attribute(
+            xc,
+            sliding_window_shapes=(xc.shape[1], wh, ww),
+            strides=(1, sh, sw),
+            baselines=b,
+            target=tc,
+            perturbations_per_eval=per_eval(xc.shape[0]),
+        )
+    if name == "feature_ablation":
+        fa = ca.FeatureAblation(forward)
+        mask = grid_mask(height, width, params.grid, x.device)[None, None]
+        return lambda xc, tc, b: fa.attribute(
+            xc, baselines=b, target=tc, feature_mask=mask, perturbations_per_eval=per_eval(xc.shape[0])
+        )
+    raise ValueError(f"no runner for {name!r}")
+
+
+@functools.cache
+def _deeplift() -> type:
+    """captum's DeepLift with the output gradient read after downstream hooks have rewritten it.
+
+    captum 0.9.0 records a nonlinearity's output gradient with a tensor hook that runs *before* the
+    next module's DeepLift hook rewrites that gradient, so a ReLU feeding a MaxPool (most CNNs)
+    uses the plain gradient and summation-to-delta fails with any non-zero baseline (captum issue
+    #1104, fixed upstream after 0.9.0). A full backward pre-hook sees the rewritten gradient.
+    In-place modules keep captum's own registration (full backward hooks refuse them).
+    """
+    from captum.attr import DeepLift
+
+    class _FixedDeepLift(DeepLift):
+        def _register_hooks(self, module: nn.Module, attribute_to_layer_input: bool = True) -> None:
+            if getattr(module, "inplace", False):
+                super()._register_hooks(module, attribute_to_layer_input)
+                return
+            if not self._can_register_hook(module) or (
+                not attribute_to_layer_input and module is getattr(self, "layer", None)
+            ):
+                return
+            self.forward_handles.append(module.register_forward_hook(self._forward_hook))
+            self.forward_handles.append(module.register_forward_pre_hook(self._forward_pre_hook))
+            self.backward_handles.extend(_backward_hook_after_downstream(module, self._backward_hook))
+
+    return _FixedDeepLift
+
+
+def _backward_hook_after_downstream(
+    module: nn.Module, hook: Callable[[nn.Module, Tensor, Tensor], Tensor | tuple[Tensor, ...] | None]
+) -> list[torch.utils.hooks.RemovableHandle]:
+    """Call `hook(module, grad_input, grad_output)` and let it replace grad_input, like captum's helper,
+    but with grad_output taken from a full backward pre-hook (after downstream rewrites)."""
+    grad_out: dict[torch.device, Tensor] = {}
+
+    def capture(_m: nn.Module, grad_output: tuple[Tensor, ...]) -> None:
+        grad_out[grad_output[0].device] = grad_output[0]
+
+    def pre_hook(_m: nn.Module, inp: tuple[Tensor, ...]) -> Tensor:
+        def rewrite(input_grad: Tensor) -> Tensor | None:
+            if input_grad.device not in grad_out:
+                return None
+            out = hook(module, input_grad, grad_out[input_grad.device])
+            return out[0] if isinstance(out, tuple) else out
+
+        inp[0].register_hook(rewrite)
+        return inp[0].clone()
+
+    return [module.register_forward_pre_hook(pre_hook), module.register_full_backward_pre_hook(capture)]
+
+
+def _kernel_shap(
+    forward: Forward | nn.Module,
+    x: Tensor,
+    target: Tensor,
+    params: AttributionParams,
+    normalisation: Normalisation,
+    pixel_mean: Tensor | None,
+) -> np.ndarray:
+    """KernelSHAP over grid cells, batched: shared coalitions, batched forwards, one weighted lstsq.
+
+    Coalitions come from captum's own sampler (all features, none, then Shapley-kernel draws), so
+    each sample's result equals captum's KernelShap on that sample alone with the same seed; the
+    regression is sklearn's weighted least squares with intercept (centre, scale by sqrt(weight)).
+    """
+    from captum.attr import KernelShap
+    from torch.distributions.categorical import Categorical
+
+    height, width = x.shape[2], x.shape[3]
+    cells = grid_mask(height, width, params.grid, x.device)
+    m = int(cells.max()) + 1
+    if m < 2:
+        raise AttributionUnsupported("KernelSHAP needs at least two grid cells")
+    counts = torch.arange(m, dtype=torch.float)
+    probs = torch.tensor(float(m - 1)) / (counts * (m - counts))
+    probs[0] = 0.0
+    sampler = KernelShap(forward).kernel_shap_perturb_generator(
+        x, num_select_distribution=Categorical(probs), num_interp_features=m
+    )
+    coalitions = torch.cat([next(sampler) for _ in range(params.kernel_shap_samples)]).to(x.device)
+    s = coalitions.shape[0]
+    keep = coalitions[:, cells].bool()  # (S, H, W)
+    outputs = torch.empty(s, x.shape[0], dtype=torch.float64)
+    chunk = max(1, params.batch_size)
+    with torch.no_grad():
+        for start in range(0, x.shape[0], chunk):
+            xc = x[start : start + chunk]
+            tc = target[start : start + chunk]
+            base = baseline_for(xc, params.baseline, pixel_mean, normalisation)
+            step = max(1, min(params.perturbations_per_eval, max(1, params.internal_batch_size) // xc.shape[0]))
+            for s0 in range(0, s, step):
+                k = keep[s0 : s0 + step, None, None]  # (s, 1, 1, H, W)
+                batch = torch.where(k, xc[None], base[None]).reshape(-1, *xc.shape[1:])
+                scores = torch.as_tensor(forward(batch)).reshape(batch.shape[0], -1)
+                picked = scores.gather(1, tc.repeat(k.shape[0])[:, None].to(scores.device))
+                outputs[s0 : s0 + k.shape[0], start : start + xc.shape[0]] = picked.reshape(k.shape[0], -1).double().cpu()
+    z = coalitions.double().cpu().numpy()
+    y = outputs.numpy()
+    selected = z.sum(axis=1)
+    w = np.where((selected == 0) | (selected == m), 1e6, 1.0)
+    z_mean = (w[:, None] * z).sum(0) / w.sum()
+    y_mean = (w[:, None] * y).sum(0) / w.sum()
+    root = np.sqrt(w)[:, None]
+    coef = np.linalg.lstsq((z - z_mean) * root, (y - y_mean) * root, rcond=None)[0]  # (M, N)
+    return coef.T[:, cells.cpu().numpy()].astype(np.float32)

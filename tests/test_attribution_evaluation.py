@@ -1,0 +1,145 @@
+"""Sanity (cascading parameter randomisation) and faithfulness (deletion curve) of attribution maps."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import numpy as np
+import pytest
+import torch
+from scipy.stats import spearmanr
+from torch import nn
+
+from audit.attribution import AttributionParams, attribute, deletion_curve, randomisation_test, spearman_rows
+
+
+class Cnn(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.relu1 = nn.ReLU()
+        self.conv2 = nn.Conv2d(8, 8, 3, padding=1)
+        self.relu2 = nn.ReLU()
+        self.gap = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.gap(self.relu2(self.conv2(self.relu1(self.conv1(x))))).flatten(1))
+
+
+class LeftHalf(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        half = x.shape[-1] // 2
+        return torch.stack([x[..., :half].sum(dim=(1, 2, 3)), x[..., half:].sum(dim=(1, 2, 3))], dim=1)
+
+
+def scores(module: nn.Module):  # type: ignore[no-untyped-def]
+    return lambda t: module(t)
+
+
+def edge_detector(forward, x, target, module) -> np.ndarray:  # type: ignore[no-untyped-def]
+    """A 'method' that ignores the model entirely: the failure the randomisation test exists to catch."""
+    return x.abs().sum(1).numpy()
+
+
+@pytest.fixture(scope="module")
+def cnn_case() -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
+    torch.manual_seed(0)
+    model = Cnn().eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    x = torch.randn(6, 3, 10, 10)
+    with torch.no_grad():
+        target = model(x).argmax(1)
+    return model, x, target
+
+
+@pytest.fixture(scope="module")
+def saliency_randomisation(cnn_case):  # type: ignore[no-untyped-def]
+    model, x, target = cnn_case
+    before = copy.deepcopy(model.state_dict())
+    result = randomisation_test(model, scores, "saliency", x, target, AttributionParams(), seed=5)
+    return result, before
+
+
+def test_gradient_maps_decorrelate_under_randomisation(saliency_randomisation, cnn_case) -> None:  # type: ignore[no-untyped-def]
+    result, _ = saliency_randomisation
+    assert result.method == "saliency"
+    assert result.layers == ["fc", "conv2", "conv1"]  # output side first
+    assert result.step_correlations.shape == (3,) and result.step_sample_correlations.shape == (3, 6)
+    assert result.sample_correlations.shape == (6,)
+    assert result.final_correlation == pytest.approx(result.step_correlations[-1])
+    assert result.final_correlation < 0.5  # far below the original's 1.0
+
+
+def test_weight_blind_method_keeps_correlation(cnn_case) -> None:  # type: ignore[no-untyped-def]
+    model, x, target = cnn_case
+    result = randomisation_test(model, scores, edge_detector, x, target, AttributionParams())
+    assert result.method == "edge_detector"
+    assert result.final_correlation > 0.99 and (result.step_correlations > 0.99).all()
+
+
+def test_randomisation_leaves_module_alone_and_is_deterministic(saliency_randomisation, cnn_case) -> None:  # type: ignore[no-untyped-def]
+    model, x, target = cnn_case
+    result, before = saliency_randomisation
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    again = randomisation_test(model, scores, "saliency", x, target, AttributionParams(), seed=5)
+    np.testing.assert_array_equal(again.step_sample_correlations, result.step_sample_correlations)
+    one = randomisation_test(model, scores, "gradcam", x, target, AttributionParams(), layers=1)
+    assert one.layers == ["fc"] and one.step_correlations.shape == (1,)
+
+
+def test_spearman_rows_matches_scipy() -> None:
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=(4, 30))
+    b = a + rng.normal(size=(4, 30))
+    b[1, :10] = b[1, 0]  # ties
+    expected = [spearmanr(a[i], b[i]).statistic for i in range(4)]
+    np.testing.assert_allclose(spearman_rows(a, b), expected, rtol=1e-12)
+    flat = np.zeros((2, 5))
+    assert spearman_rows(flat, flat).tolist() == [1.0, 1.0]
+    assert spearman_rows(flat, a[:2, :5]).tolist() == [0.0, 0.0]
+
+
+def test_deletion_attribution_order_beats_random() -> None:
+    torch.manual_seed(3)
+    model = LeftHalf()
+    x = torch.rand(5, 3, 8, 8) * 0.2 + 0.05
+    target = torch.zeros(5, dtype=torch.long)
+    maps = attribute("saliency", model, x, target, AttributionParams())
+
+    def probs(t: torch.Tensor) -> torch.Tensor:
+        return torch.softmax(model(t), dim=1)
+
+    faithful = deletion_curve(probs, x, target, maps, steps=8)
+    control = deletion_curve(probs, x, target, maps, steps=8, order="random", seed=1)
+    assert faithful.curves.shape == (5, 9) and faithful.fractions.tolist() == pytest.approx(np.linspace(0, 1, 9).tolist())
+    assert (faithful.auc < control.auc).all() and faithful.mean_auc < control.mean_auc
+    np.testing.assert_allclose(faithful.curves[:, -1], 0.5, rtol=1e-6)  # everything removed: logits equal
+    again = deletion_curve(probs, x, target, maps, steps=8, order="random", seed=1)
+    np.testing.assert_array_equal(again.curves, control.curves)
+
+
+def test_deletion_auc_by_hand_two_steps_on_numpy_forward() -> None:
+    calls = []
+
+    def probs(t: torch.Tensor) -> torch.Tensor:  # numpy-backed, like an onnxruntime wrapper
+        a = t.numpy()
+        calls.append(len(a))
+        logits = np.stack([a[..., 0].sum(axis=(1, 2)), a[..., 1].sum(axis=(1, 2))], axis=1)
+        e = np.exp(logits - logits.max(axis=1, keepdims=True))
+        return torch.from_numpy(e / e.sum(axis=1, keepdims=True))
+
+    x = torch.tensor([[[[2.0, 1.0]]]])  # one 1 x 2 image: logits (2, 1)
+    maps = np.array([[[1.0, 0.0]]])  # the left pixel matters most
+    result = deletion_curve(probs, x, torch.tensor([0]), maps, steps=2, batch_size=2)
+    sigmoid = lambda v: 1.0 / (1.0 + math.exp(-v))  # noqa: E731
+    p0, p1, p2 = sigmoid(1.0), sigmoid(-1.0), 0.5  # nothing removed; left pixel removed; both removed
+    np.testing.assert_allclose(result.curves[0], [p0, p1, p2], rtol=1e-6)  # float32 images
+    expected_auc = 0.5 * (p0 + p1) / 2 + 0.5 * (p1 + p2) / 2
+    assert result.auc[0] == pytest.approx(expected_auc) and result.mean_auc == pytest.approx(0.4422, abs=1e-4)
+    assert calls == [2, 1]  # 3 images in batches of 2
+    filled = deletion_curve(probs, x, torch.tensor([0]), maps, steps=2, fill=torch.full_like(x, 1.0))
+    np.testing.assert_allclose(filled.curves[0], [p0, 0.5, 0.5], rtol=1e-6)
