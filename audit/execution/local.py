@@ -35,6 +35,22 @@ class ProbeOutcome:
         self.rows = []
 
 
+def reduce_order(probes: Sequence[Probe]) -> list[Probe]:
+    """Registry order, except that a probe comes after the probes named in its `after`."""
+    placed: list[Probe] = []
+    pending = list(probes)
+    names = {p.name for p in probes}
+    while pending:
+        for probe in pending:
+            if all(dep not in names or dep in {p.name for p in placed} for dep in probe.after):
+                placed.append(probe)
+                pending.remove(probe)
+                break
+        else:
+            raise ValueError(f"probe dependencies form a cycle: {[p.name for p in pending]}")
+    return placed
+
+
 class LocalExecutor:
     def __init__(
         self,
@@ -70,7 +86,7 @@ class LocalExecutor:
                 tick = time.perf_counter()
         finally:
             bar.close()
-        for probe in self.probes:
+        for probe in reduce_order(self.probes):
             self._reduce(probe, outcomes[probe.name])
 
     def _step(self, batch: Batch, taps_needed: frozenset[str], outcomes: dict[str, ProbeOutcome]) -> None:

@@ -125,7 +125,7 @@ class _ReluCounter(TorchFunctionMode):
 def relu_module_reason(module: nn.Module, example: torch.Tensor) -> str | None:
     """None when every ReLU runs as an nn.ReLU module; else why guided backprop cannot be trusted."""
     relus = [m for m in module.modules() if isinstance(m, nn.ReLU)]
-    inplace = [m for m in relus if m.inplace]
+    inplace = [m for m in relus if m.inplace]  # the adapter switches its own to out-of-place first
     counter = _ReluCounter()
     handles = []
     for m in relus:
@@ -316,6 +316,11 @@ def build_torch_adapter(
             notes.append("no --weights given: the factory's own initialisation is audited")
     batch_hint = getattr(module, "_audit_batch_hint", None)
     module = module.eval().to(device)
+    inplace = [m for m in module.modules() if isinstance(m, nn.ReLU) and m.inplace]
+    for m in inplace:
+        m.inplace = False  # same results; module backward hooks (guided backprop, DeepLift) cannot wrap in-place ops
+    if inplace:
+        notes.append(f"{len(inplace)} in-place nn.ReLU module(s) run out of place, so backward hooks can wrap them (results unchanged)")
     for p in module.parameters():
         p.requires_grad_(False)
     if input_spec.layout in ("nhwc", "nhw", "flat"):

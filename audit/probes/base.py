@@ -60,6 +60,7 @@ class RunContext:
     load_inputs: Callable[[Sequence[Sample]], tuple[list[Sample], np.ndarray]]  # raw inputs of the given samples
     progress: Callable[..., Any]
     interpretation: OutputInterpretation | None = None  # decided on the first batch by the executor
+    handoff: dict[str, Any] = field(default_factory=dict)  # in-memory results one probe leaves for a later one
 
 
 @dataclass
@@ -69,6 +70,7 @@ class Evidence:
     metrics: dict[str, float] = field(default_factory=dict)
     details: dict[str, Any] = field(default_factory=dict)  # JSON-able data the report section draws
     notes: list[str] = field(default_factory=list)
+    references: list[str] = field(default_factory=list)  # methods that actually ran, beyond the probe's own list
 
     def add(self, name: str, value: float | None, scope: str = "global", n: int | None = None,
             interval: tuple[float, float] | None = None) -> None:
@@ -93,6 +95,8 @@ class Probe(ABC):
     Params: ClassVar[type[ProbeParams]] = ProbeParams
     profile_defaults: ClassVar[dict[str, dict[str, Any]]] = {}
     references: ClassVar[list[str]] = []
+    units: ClassVar[dict[str, str]] = {}  # metric -> percent | ratio | count | number, for the report
+    after: ClassVar[tuple[str, ...]] = ()  # probes whose reduce must run first (their handoff is read)
 
     def __init__(self, params: ProbeParams, context: RunContext) -> None:
         self.params = params

@@ -1,0 +1,266 @@
+"""Attributions: which pixels the model's decision rests on, by ten gradient methods (captum), each
+checked before it is believed.
+
+Every method explains the predicted class on a stratified sample. Two checks decide what to trust:
+the model-parameter randomisation test (Adebayo et al. 2018: a map that survives randomising the
+weights shows the image, not the model) and the deletion curve (removing the most relevant pixels
+first must lower the class probability faster than removing random ones). When the model cannot be
+differentiated (an ONNX file onnx2torch cannot convert), perturbation methods run through
+onnxruntime instead, and the report says so.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any, Literal
+
+import numpy as np
+import pandas as pd
+import torch
+from pydantic import Field, field_validator
+
+from audit.attribution.evaluation import deletion_curve, randomisation_test
+from audit.attribution.methods import METHODS, AttributionParams, AttributionUnsupported, attribute, baseline_for, unsupported_reason
+from audit.errors import first_line
+from audit.metrics.names import scope
+from audit.models.base import Capability
+from audit.probes.base import Evidence, Probe, ProbeParams, Taps
+from audit.probes.model_functions import chunks, normalisation, probabilities_function, scores_function, shrink
+from audit.probes.registry import register
+from audit.probes.sampling import detail_sample
+
+GRADIENT_METHODS = ["saliency", "gradient_x_input", "integrated_gradients", "smoothgrad", "gradcam", "guided_backprop",
+                    "deconvolution", "guided_gradcam", "deeplift", "gradient_shap"]
+PERTURBATION_FALLBACK = ["feature_ablation", "kernel_shap"]
+SANITY_REFERENCE = "Adebayo, Gilmer, Muelly, Goodfellow, Hardt, Kim. Sanity Checks for Saliency Maps. NeurIPS 2018."
+DELETION_REFERENCE = ("Samek, Binder, Montavon, Lapuschkin, Müller. Evaluating the Visualization of What a Deep Neural "
+                      "Network Has Learned. IEEE TNNLS 2017; Petsiuk, Das, Saenko. RISE. BMVC 2018.")
+
+
+class AttributionProbeParams(ProbeParams):
+    methods: list[str] | None = Field(default=None, description="methods to run (default: all ten gradient methods; smoke: six)")
+    per_class: int = Field(default=64, ge=1, description="samples per class (true class, else prediction)")
+    max_samples: int = Field(default=1024, ge=1, description="samples in all")
+    ig_steps: int = Field(default=32, ge=2, description="Integrated Gradients steps")
+    baseline: Literal["zeros", "blur", "mean"] = Field(default="zeros", description="reference input: black, blurred input, or mean colour")
+    smoothgrad_samples: int = Field(default=16, ge=1, description="noisy copies per image for SmoothGrad")
+    shap_samples: int = Field(default=16, ge=1, description="samples per image for GradientSHAP")
+    kernel_shap_samples: int = Field(default=200, ge=10, description="coalitions per image for KernelSHAP (fallback)")
+    grid: int = Field(default=8, ge=2, description="cells per side for feature ablation and KernelSHAP (fallback)")
+    layer: str | None = Field(default=None, description="Grad-CAM layer (default: the last convolution)")
+    batch_size: int = Field(default=32, ge=1, description="images explained together")
+    internal_batch_size: int = Field(default=64, ge=1, description="most images in one forward/backward pass")
+    deletion_steps: int = Field(default=16, ge=2, description="steps of the deletion curve (faithfulness)")
+    sanity_samples: int = Field(default=16, ge=2, description="images in the randomisation test")
+    sanity_threshold: float = Field(default=0.5, gt=0, le=1, description="rank correlation after randomising the weights above which a method is not trusted")
+
+    @field_validator("methods")
+    @classmethod
+    def _known(cls, value: list[str] | None) -> list[str] | None:
+        for name in value or []:
+            if name not in METHODS or name == "occlusion":
+                raise ValueError(f"unknown method {name!r} (one of {', '.join(m for m in METHODS if m != 'occlusion')}; occlusion is its own probe)")
+        return value
+
+
+@register
+class Attribution(Probe):
+    name = "attribution"
+    title = "Attributions"
+    question = (
+        "Which pixels does the decision rest on, and which explanation methods can be believed? Each method "
+        "explains the predicted class; methods whose maps survive randomising the model's weights, or that "
+        "do not beat random pixel order at deleting evidence, are not trusted."
+    )
+    Params = AttributionProbeParams
+    profile_defaults = {
+        "smoke": {"per_class": 12, "max_samples": 48, "ig_steps": 8, "smoothgrad_samples": 4, "shap_samples": 4,
+                  "kernel_shap_samples": 40, "deletion_steps": 8, "sanity_samples": 6,
+                  "methods": ["saliency", "gradient_x_input", "integrated_gradients", "gradcam", "guided_backprop", "deconvolution"]},
+        "thorough": {"per_class": 128, "max_samples": 2048, "ig_steps": 64, "smoothgrad_samples": 32, "shap_samples": 32,
+                     "deletion_steps": 24, "sanity_samples": 32},
+    }
+    units = {"attribution.sanity_correlation": "number", "attribution.faithfulness": "number", "attribution.deletion_auc": "number",
+             "attribution.random_deletion_auc": "number", "attribution.trusted": "number"}
+
+    def map(self, batch, taps: Taps) -> pd.DataFrame:  # type: ignore[no-untyped-def]
+        labels = batch.labels
+        pred = taps.probabilities.argmax(axis=1)
+        names = np.asarray(self.context.classes, dtype=object)
+        return pd.DataFrame({"id": batch.ids, "class": names[np.where(labels >= 0, labels, pred)], "target": pred.astype(np.int64),
+                             "has_mask": [s.mask is not None for s in batch.samples], "domain": [s.domain for s in batch.samples]})
+
+    def _plan(self) -> tuple[list[str], dict[str, dict[str, Any]], list[str]]:
+        """Which methods run; for the others, why not. Never runs a method in a degraded form."""
+        model = self.context.model
+        module = model.torch_module()
+        notes = []
+        requested = list(self.params.methods or GRADIENT_METHODS)
+        status: dict[str, dict[str, Any]] = {}
+        for name in requested:
+            spec = METHODS[name]
+            reason = model.capabilities.get(Capability.GRADIENTS) if spec.gradient and module is None else None
+            reason = reason or unsupported_reason(name, model.capabilities, module, self.params.layer)
+            status[name] = {"status": "unsupported", "reason": reason} if reason else {"status": "ran", "reason": None}
+        runnable = [m for m in requested if status[m]["status"] == "ran"]
+        if module is None and not any(METHODS[m].gradient for m in runnable):
+            why = model.capabilities.get(Capability.GRADIENTS) or "no differentiable module"
+            notes.append(f"Gradient methods cannot run on this model ({why}); perturbation methods (feature ablation over a "
+                         f"{self.params.grid} x {self.params.grid} grid, KernelSHAP) ran through the model's own runtime instead.")
+            for name in PERTURBATION_FALLBACK:
+                if name not in status:
+                    status[name] = {"status": "ran", "reason": None}
+                    runnable.append(name)
+        return runnable, status, notes
+
+    def _settings(self) -> AttributionParams:
+        p = self.params
+        return AttributionParams(ig_steps=p.ig_steps, internal_batch_size=p.internal_batch_size, baseline=p.baseline,
+                                 smoothgrad_samples=p.smoothgrad_samples, shap_samples=p.shap_samples,
+                                 kernel_shap_samples=p.kernel_shap_samples, grid=p.grid, batch_size=p.batch_size,
+                                 layer=p.layer, seed=self.context.seed)
+
+    def reduce(self, rows: pd.DataFrame) -> Evidence:
+        context, p = self.context, self.params
+        runnable, status, notes = self._plan()
+        chosen = detail_sample(rows, p.per_class, p.max_samples, context.seed, prefer="has_mask")
+        by_id = {s.id: s for s in context.manifest.samples}
+        module = context.model.torch_module()
+        device = context.model.device
+        settings = self._settings()
+        norm = normalisation(context)
+        probs_fn = probabilities_function(context)
+        scores_fn = scores_function(context, module) if module is not None else None
+        records: list[pd.DataFrame] = []
+        maps: dict[str, dict[str, np.ndarray]] = {m: {} for m in runnable}
+        sanity_inputs: list[tuple[torch.Tensor, torch.Tensor]] = []
+        bar = context.progress(total=len(chosen) * max(len(runnable), 1), desc="attributions", unit="map")
+        for part in chunks(len(chosen), p.batch_size):
+            block = chosen.iloc[part]
+            samples, raw = context.load_inputs([by_id[i] for i in block["id"]])
+            if not samples:
+                continue
+            block = block.set_index("id").loc[[s.id for s in samples]].reset_index()
+            x = torch.from_numpy(context.prep.normalise(raw)).to(device)
+            target = torch.tensor(block["target"].to_numpy(np.int64)).to(device)
+            if sum(len(t) for _, t in sanity_inputs) < p.sanity_samples:
+                sanity_inputs.append((x, target))
+            fill = baseline_for(x, p.baseline, normalisation=norm)
+            control = deletion_curve(probs_fn, x, target, np.zeros((len(x), *x.shape[2:])), p.deletion_steps, fill, "random", context.seed)
+            for method in runnable:
+                if status[method]["status"] != "ran":
+                    continue
+                forward = scores_fn if METHODS[method].gradient else probs_fn
+                try:
+                    result = attribute(method, forward, x, target, settings, norm, module=module)
+                except AttributionUnsupported as exc:
+                    status[method] = {"status": "unsupported", "reason": str(exc)}
+                    continue
+                except Exception as exc:  # noqa: BLE001 - one method failing must not lose the others
+                    status[method] = {"status": "error", "reason": first_line(exc)}
+                    continue
+                ranked = deletion_curve(probs_fn, x, target, result, p.deletion_steps, fill, "attribution", context.seed)
+                records.append(block[["id", "class", "domain", "target"]].assign(
+                    method=method, deletion_auc=ranked.auc, random_deletion_auc=control.auc))
+                maps[method].update(zip(block["id"], shrink(result), strict=True))
+                bar.update(len(samples))
+        bar.close()
+        self.table = pd.concat(records, ignore_index=True) if records else pd.DataFrame(
+            columns=["id", "class", "domain", "target", "method", "deletion_auc", "random_deletion_auc"])
+        ran = [m for m in runnable if status[m]["status"] == "ran"]
+        sanity = self._sanity(ran, sanity_inputs, module, settings, norm)
+        return self._evidence(ran, status, sanity, maps, notes, chosen)
+
+    def _sanity(self, methods: list[str], inputs: list[tuple[torch.Tensor, torch.Tensor]], module: Any, settings: AttributionParams,
+                norm: Any) -> dict[str, dict[str, Any]]:
+        """Cascading randomisation per gradient method; perturbation methods read only outputs, nothing to randomise."""
+        out: dict[str, dict[str, Any]] = {}
+        if not inputs:
+            return out
+        x = torch.cat([t for t, _ in inputs])[: self.params.sanity_samples]
+        target = torch.cat([t for _, t in inputs])[: self.params.sanity_samples]
+        interpretation = self.context.interpretation
+        assert interpretation is not None
+
+        def make_forward(m: torch.nn.Module):  # type: ignore[no-untyped-def]
+            return lambda t: interpretation.torch_scores(m(t))
+
+        for method in methods:
+            if not METHODS[method].gradient:
+                out[method] = {"correlation": None, "layers": [], "steps": [], "note": "perturbation method: reads the model only through its outputs"}
+                continue
+            try:
+                result = randomisation_test(copy.deepcopy(module), make_forward, method, x, target, settings, norm, seed=self.context.seed)
+            except Exception as exc:  # noqa: BLE001
+                out[method] = {"correlation": None, "layers": [], "steps": [], "note": f"randomisation test failed ({first_line(exc)})"}
+                continue
+            out[method] = {"correlation": result.final_correlation, "layers": list(result.layers),
+                           "steps": [float(v) for v in result.step_correlations], "n": int(len(result.sample_correlations))}
+        return out
+
+    def _evidence(self, ran: list[str], status: dict[str, dict[str, Any]], sanity: dict[str, dict[str, Any]],
+                  maps: dict[str, dict[str, np.ndarray]], notes: list[str], chosen: pd.DataFrame) -> Evidence:
+        evidence = Evidence(notes=notes)
+        table = self.table
+        threshold = self.params.sanity_threshold
+        rows = []
+        for name, state in status.items():
+            spec = METHODS[name]
+            row: dict[str, Any] = {"method": name, "title": spec.title, "reference": spec.reference, **state}
+            group = table[table["method"] == name]
+            if name in ran and len(group):
+                s = scope(method=name)
+                faith = float((group["random_deletion_auc"] - group["deletion_auc"]).mean())
+                row.update(deletion_auc=float(group["deletion_auc"].mean()), random_deletion_auc=float(group["random_deletion_auc"].mean()),
+                           faithfulness=faith, n=int(len(group)))
+                evidence.add("attribution.deletion_auc", row["deletion_auc"], s, len(group))
+                evidence.add("attribution.random_deletion_auc", row["random_deletion_auc"], s, len(group))
+                evidence.add("attribution.faithfulness", faith, s, len(group))
+                check = sanity.get(name, {})
+                corr = check.get("correlation")
+                row.update(sanity_correlation=corr, sanity_layers=check.get("layers", []), sanity_steps=check.get("steps", []),
+                           sanity_note=check.get("note"))
+                if corr is not None:
+                    evidence.add("attribution.sanity_correlation", corr, s, check.get("n"))
+                row["passes_sanity"] = (corr is None and not spec.gradient) or (corr is not None and corr < threshold)
+                row["faithful"] = faith > 0
+                row["trusted"] = bool(row["passes_sanity"] and row["faithful"])
+                evidence.add("attribution.trusted", float(row["trusted"]), s, len(group))
+            rows.append(row)
+        trusted = sorted((r for r in rows if r.get("trusted")), key=lambda r: -r["faithfulness"])
+        best = trusted[0] if trusted else None
+        for rank, row in enumerate(sorted((r for r in rows if "faithfulness" in r), key=lambda r: -r["faithfulness"]), start=1):
+            row["faithfulness_rank"] = rank
+        evidence.add("attribution.n", len(chosen))
+        evidence.add("attribution.methods_trusted", len(trusted))
+        self.context.handoff[self.name] = {
+            "maps": {m: maps[m] for m in ran},
+            "methods": {r["method"]: r for r in rows},
+            "trusted": [r["method"] for r in trusted],
+            "chosen": best["method"] if best else None,
+        }
+        evidence.details = {
+            "samples": int(len(chosen)),
+            "per_class": {str(k): int(v) for k, v in chosen["class"].value_counts().sort_index().items()},
+            "methods": rows,
+            "chosen": best["method"] if best else None,
+            "chosen_reason": _trust_sentence(best, threshold) if best else
+            "No method passed both checks, so no attribution map is used to judge background reliance.",
+            "sanity_threshold": threshold,
+            "baseline": self.params.baseline,
+            "ig_steps": self.params.ig_steps,
+            "deletion_steps": self.params.deletion_steps,
+        }
+        evidence.references = sorted({METHODS[m].reference for m in ran} | {SANITY_REFERENCE, DELETION_REFERENCE})
+        return evidence
+
+    def write_tables(self, rows: pd.DataFrame, store) -> dict:  # type: ignore[no-untyped-def]
+        return {self.name: store.write_table(self.name, self.table)}
+
+
+def _trust_sentence(row: dict[str, Any], threshold: float) -> str:
+    sanity = (f"its maps change when the model's weights are randomised (rank correlation {row['sanity_correlation']:.2f}, "
+              f"below {threshold:.2f})" if row.get("sanity_correlation") is not None else "it reads the model only through its outputs")
+    return (f"{row['title']} is trusted most: {sanity}, and deleting the pixels it ranks highest lowers the class probability "
+            f"faster than any other trusted method (area under the deletion curve {row['deletion_auc']:.3f} against "
+            f"{row['random_deletion_auc']:.3f} in random order).")

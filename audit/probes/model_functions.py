@@ -1,0 +1,76 @@
+"""The audited model as functions the explanation probes call, and helpers they share.
+
+`probabilities_function` runs the real model (onnxruntime for ONNX files, never the conversion),
+so perturbation methods, deletion curves and counterfactuals measure the model that ships.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from audit.data import load_mask
+from audit.errors import SampleError
+
+if TYPE_CHECKING:
+    from audit.manifest import Sample
+    from audit.probes.base import RunContext
+
+MAP_SIDE = 64  # maps handed between probes and kept for galleries are at most this many pixels a side
+
+
+def probabilities_function(context: RunContext, chunk: int = 256) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Normalised NCHW tensor -> class probabilities (N, K), through the adapter's own forward pass."""
+    interpretation = context.interpretation
+    assert interpretation is not None
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        array = x.detach().cpu().numpy().astype(np.float32, copy=False)
+        probs = [interpretation.probabilities(context.model.forward(array[i : i + chunk])["output"]) for i in range(0, len(array), chunk)]
+        return torch.from_numpy(np.concatenate(probs) if probs else np.zeros((0, interpretation.num_classes))).float().to(x.device)
+
+    return forward
+
+
+def scores_function(context: RunContext, module: torch.nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Differentiable per-class scores (logits where the model has them) for gradient methods."""
+    interpretation = context.interpretation
+    assert interpretation is not None
+    return lambda x: interpretation.torch_scores(module(x))
+
+
+def normalisation(context: RunContext) -> tuple[Sequence[float], Sequence[float]]:
+    return context.prep.mean, context.prep.std
+
+
+def shrink(maps: np.ndarray, side: int = MAP_SIDE) -> np.ndarray:
+    """Area-average (N, H, W) maps down to at most `side` pixels a side (kept as is when smaller)."""
+    h, w = maps.shape[1:]
+    if max(h, w) <= side:
+        return maps.astype(np.float32, copy=False)
+    scale = side / max(h, w)
+    size = (max(1, round(h * scale)), max(1, round(w * scale)))
+    return F.adaptive_avg_pool2d(torch.from_numpy(np.ascontiguousarray(maps, np.float32))[:, None], size)[:, 0].numpy()
+
+
+def load_masks(samples: Sequence[Sample], size: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """(N, H, W) boolean masks at the model's input size and whether each could be read."""
+    masks = np.zeros((len(samples), *size), dtype=bool)
+    ok = np.zeros(len(samples), dtype=bool)
+    for i, sample in enumerate(samples):
+        if sample.mask is None:
+            continue
+        try:
+            masks[i] = load_mask(sample.mask, size)
+            ok[i] = True
+        except SampleError:
+            continue
+    return masks, ok
+
+
+def chunks(n: int, size: int) -> list[slice]:
+    return [slice(i, min(i + size, n)) for i in range(0, n, size)]
