@@ -114,7 +114,7 @@ def draw_scenes(rng: np.random.Generator, labels: np.ndarray, backgrounds: np.nd
     atypical = rng.random(n) < ATYPICAL_TAIL
     other = (labels + rng.integers(1, len(CLASSES), n)) % len(CLASSES)
     tails = np.where(atypical, other, labels)
-    scale = rng.uniform(0.32, 0.40, n) * size
+    scale = rng.uniform(0.45, 0.55, n) * size
     centre = np.stack([rng.uniform(0.38, 0.62, n) * size, rng.uniform(0.42, 0.55, n) * size], axis=1)
     grey, brown = np.array([0.50, 0.50, 0.52]), np.array([0.52, 0.40, 0.28])
     mix = rng.random((n, 1))
