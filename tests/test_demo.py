@@ -246,3 +246,33 @@ def test_correlated_model_takes_the_shortcut_and_the_control_does_not(demo_run, 
     on_snow, elsewhere = on_off_snow_accuracy(correct[measured], audit.labels[measured], audit.backgrounds[measured])
     assert correct.mean() > 0.8 and abs(on_snow - elsewhere) < 0.15
     assert (control_predicted[wolves_elsewhere] == WOLF).mean() > 0.6
+
+
+BACKGROUND_RULES = ("background-reliance", "background-swap-sensitivity", "prediction-without-object")
+
+
+@pytest.mark.slow
+def test_shortcut_class_is_flagged_and_the_control_is_not(demo_run, control, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """Issue 3's must-show: the class trained on snow is flagged by background reliance and background swaps;
+    the same architecture trained with shuffled backgrounds, audited on the same manifest, is not."""
+    from audit.api import run_audit
+    from audit.config import build_config
+
+    out, outcome = demo_run
+    flagged = {(f["rule"], f["scope"]): f["status"] for f in outcome.results["findings"]}
+    assert flagged[("background-reliance", "class:wolf")] in ("warn", "fail")
+    assert flagged[("background-swap-sensitivity", "class:wolf")] == "fail"
+    assert flagged[("prediction-without-object", "class:wolf")] in ("warn", "fail")
+    data, control_model = control
+    onnx_path = demo.export_onnx(control_model, tmp_path / "control.onnx")
+    config = build_config({}, {"model": str(onnx_path), "manifest": str(out / "data" / "manifest.csv"),
+                               "classes": list(CLASSES), "mean": list(demo.MEAN), "std": list(demo.STD),
+                               "profile": "smoke", "out": tmp_path / "run", "quiet": True})
+    control_results = run_audit(config).results
+    raised = [(f["rule"], f["scope"], f["status"]) for f in control_results["findings"]
+              if f["rule"] in BACKGROUND_RULES and f["status"] in ("warn", "fail")]
+    assert raised == []
+    judged = [f for f in control_results["findings"] if f["rule"] in BACKGROUND_RULES and f["status"] == "pass"]
+    assert len(judged) == 3 * len(CLASSES)  # judged, not skipped
+    gap = {c: control_results["metrics"][f"background.bg_gap@class:{c}"] for c in CLASSES}
+    assert outcome.results["metrics"]["background.bg_gap@class:wolf"] - gap["wolf"] > 0.25

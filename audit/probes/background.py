@@ -87,6 +87,23 @@ def region_shapley(full: np.ndarray, object_only: np.ndarray, background_only: n
                          "background_area": background_area, "outside_ratio": ratio, "pointing_hit": hit})
 
 
+def plain_words(cls: str, v: dict[str, Any]) -> str:
+    """One sentence a reviewer can read under a flagged finding: what the evidence shows for a class."""
+    parts = []
+    if v.get("outside_share") is not None and v.get("background_area") is not None:
+        parts.append(f"{v['outside_share']:.0%} of the evidence for {cls} lies on the background, which covers "
+                     f"{v['background_area']:.0%} of the image")
+    if v.get("mixed_rand_accuracy") is not None and v.get("mixed_same_accuracy") is not None:
+        parts.append(f"moved onto another class's background the object is still recognised as {cls} in "
+                     f"{v['mixed_rand_accuracy']:.0%} of the samples, against {v['mixed_same_accuracy']:.0%} on a background of its own class")
+    if v.get("still_predicted") is not None:
+        parts.append(f"with the object removed the model still says {cls} for {v['still_predicted']:.0%} of them")
+    if not parts:
+        return ""
+    text = "; ".join(parts)
+    return text[0].upper() + text[1:] + "."
+
+
 @register
 class Background(Probe):
     name = "background"
@@ -143,7 +160,8 @@ class Background(Probe):
             "best_map_reason": best_map_reason,
             "methods": sorted(located["method"].unique().tolist()) if len(located) else [],
             "swap_samples": int(len(swaps)),
-            "classes": self._class_summaries(table),
+            "classes": (summaries := self._class_summaries(table)),
+            "explanations": {scope(class_=c): plain_words(c, v) for c, v in summaries.items()},
             "per_method": self._method_summaries(located),
             "galleries": self._galleries(table, methods) if self.context.sample_images else {},
         }
@@ -332,7 +350,9 @@ class Background(Probe):
         galleries: dict[str, list[dict[str, Any]]] = {}
         names = self.context.classes
         for cls in ranking.sort_values("rank_key", ascending=False).index[: self.params.gallery_classes]:
-            worst = score[(score["class"] == cls) & score["id"].isin(images)].sort_values(["rank_ratio", "rank_flip"], ascending=False)
+            mapped = set().union(*(maps.keys() for maps in methods.values())) if methods else set()
+            candidates = score[(score["class"] == cls) & score["id"].isin(images)].assign(has_map=lambda f: f["id"].isin(mapped))
+            worst = candidates.sort_values(["has_map", "rank_ratio", "rank_flip"], ascending=False)  # samples with heatmaps first
             entries = []
             for row in worst.head(self.params.gallery_per_class).itertuples():
                 bundle = images[row.id]

@@ -73,7 +73,8 @@ def bars(labels: Sequence[str], values: Sequence[float | None], lows: Sequence[f
     ax.set_yticks(ys, [_short(str(l)) for l in labels])
     if percent:
         top = max(1.0, float(np.nanmax(vals)) if np.isfinite(vals).any() else 1.0)
-        ax.set_xlim(0, top)
+        bottom = min(0.0, float(np.nanmin(vals)) if np.isfinite(vals).any() else 0.0)
+        ax.set_xlim(bottom, top)
         ax.xaxis.set_major_formatter(matplotlib.ticker.PercentFormatter(1.0))
     for y, v in zip(ys, vals, strict=True):
         if np.isfinite(v):
@@ -163,3 +164,36 @@ class Charts:
 
     def matrix(self, *args: Any, **kwargs: Any) -> str:
         return data_uri(matrix(*args, **kwargs))
+
+
+def sample_strip(panels: Sequence[dict[str, Any]], size: float = 1.35) -> bytes:
+    """One row of small images: each panel an image, optionally a heatmap over it and the object's outline.
+
+    panel = {"image": HxW or HxWx3 uint8, "heat": 2-D float or None, "outline": HxW bool or None, "caption": str}.
+    Heatmaps show the positive evidence (clipped at 0, scaled to the panel's maximum) in a sequential
+    colour map, so they read in grey-scale too. PNG, because these are pictures, not line art.
+    """
+    fig, axes = plt.subplots(1, len(panels), figsize=(size * len(panels), size * 1.25), squeeze=False)
+    for ax, panel in zip(axes[0], panels, strict=True):
+        image = panel["image"]
+        h, w = image.shape[:2]
+        ax.imshow(image, cmap="gray" if image.ndim == 2 else None, vmin=0, vmax=255, interpolation="nearest")
+        heat = panel.get("heat")
+        if heat is not None:
+            positive = np.clip(np.asarray(heat, dtype=float), 0, None)
+            top = positive.max()
+            ax.imshow(positive / top if top > 0 else positive, cmap="inferno", alpha=0.6, vmin=0, vmax=1,
+                      extent=(-0.5, w - 0.5, h - 0.5, -0.5), interpolation="bilinear")
+        outline = panel.get("outline")
+        if outline is not None and np.asarray(outline).any():
+            ax.contour(np.asarray(outline, dtype=float), levels=[0.5], colors=["#00E5FF"], linewidths=0.8)
+        ax.set_title(panel.get("caption", ""), fontsize=6.5, pad=2)
+        ax.set_xticks([])
+        ax.set_yticks([])
+        ax.set_xlim(-0.5, w - 0.5)
+        ax.set_ylim(h - 0.5, -0.5)
+    fig.subplots_adjust(wspace=0.06, left=0.01, right=0.99, top=0.85, bottom=0.02)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110, metadata={"Software": None})
+    plt.close(fig)
+    return buffer.getvalue()

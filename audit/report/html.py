@@ -22,6 +22,7 @@ def environment() -> jinja2.Environment:
         extensions=["jinja2.ext.do"],
     )
     env.globals["charts"] = Charts()
+    env.filters["negate"] = lambda values: [not v for v in values]
     return env
 
 

@@ -153,6 +153,62 @@ class Tables:
         return [{k: v for k, v in row.items() if k != "probabilities"} for row in rows.to_dict("records")]
 
 
+VARIANT_CAPTIONS = {"only_bg_t": "no object", "mixed_same": "own-class bg", "mixed_rand": "other-class bg"}
+
+
+SHORT_TITLES = {"saliency": "saliency", "gradient_x_input": "grad × input", "integrated_gradients": "integ. gradients",
+                "smoothgrad": "SmoothGrad", "gradcam": "Grad-CAM", "guided_backprop": "guided backprop",
+                "deconvolution": "deconvolution", "guided_gradcam": "guided Grad-CAM", "deeplift": "DeepLift",
+                "gradient_shap": "GradientSHAP", "occlusion": "occlusion", "feature_ablation": "feature ablation",
+                "kernel_shap": "KernelSHAP"}
+
+
+class Galleries:
+    """Draws the background probe's sample bundles (input, mask, maps, counterfactuals) as image strips."""
+
+    def __init__(self, run_dir: Path, results: dict[str, Any], enabled: bool) -> None:
+        self.run_dir = run_dir
+        self.enabled = enabled
+        attribution = results["probes"].get("attribution", {}).get("details", {})
+        rows = attribution.get("methods", [])
+        self.titles = {r["method"]: r.get("title", r["method"]) for r in rows}
+        self.titles.update(occlusion="Occlusion")
+        self.shown = [r["method"] for r in rows if r.get("trusted")] + ["occlusion"]
+
+    def strip(self, entry: dict[str, Any], true_class: str) -> dict[str, Any] | None:
+        """{uri, panels} of one sample's strip, or None when images are withheld or the bundle is missing."""
+        import numpy as np
+
+        from audit.report.figures import sample_strip
+
+        path = (self.run_dir / entry["artifact"]).resolve()
+        if not self.enabled or self.run_dir.resolve() not in path.parents or not path.is_file():
+            return None
+        with np.load(path) as bundle:
+            arrays = {k: bundle[k] for k in bundle.files}
+        mask = arrays["mask"]
+        predictions = entry.get("predictions", {})
+        panels = [{"image": arrays["input"], "outline": mask,
+                   "caption": f"{true_class} → {predictions.get('original') or '?'}"}]
+        for method in self.shown:
+            if f"map_{method}" in arrays:
+                panels.append({"image": arrays["input"], "heat": arrays[f"map_{method}"].astype(float), "outline": mask,
+                               "caption": SHORT_TITLES.get(method, method)})
+        for variant, caption in VARIANT_CAPTIONS.items():
+            if f"variant_{variant}" in arrays:
+                panels.append({"image": arrays[f"variant_{variant}"], "caption": f"{caption}: {predictions.get(variant) or 'n/a'}"})
+        return {"uri": "data:image/png;base64," + base64.b64encode(sample_strip(panels)).decode("ascii"), "panels": len(panels)}
+
+
+def explanations(results: dict[str, Any]) -> dict[tuple[str, str], str]:
+    """(metric prefix, scope) -> the plain-words line a probe wrote for that scope."""
+    out = {}
+    for name, probe in results["probes"].items():
+        for scope_text, sentence in probe.get("details", {}).get("explanations", {}).items():
+            out[(name, scope_text)] = sentence
+    return out
+
+
 def rule_limit(rules: list[dict[str, Any]], rule_id: str, status: str = "fail") -> float | None:
     """The first single-valued threshold of a rule with the given status, to draw as a line."""
     for rule in rules:
@@ -206,6 +262,9 @@ def build_view(run_dir: Path, results: dict[str, Any], results_sha256: str) -> d
     tables = Tables(run_dir)
     facts = tables.facts({i for f in results["findings"] if f["status"] != "pass" for i in f.get("evidence", [])})
     findings = [_finding_view(f, units, thumbs, facts) for f in results["findings"]]
+    lines = explanations(results)
+    for f in findings:
+        f["plain_words"] = lines.get((f["metric"].split(".", 1)[0], f["scope"]))
     by_status = {s: [f for f in findings if f["status"] == s] for s in STATUS_ORDER}
     attention = by_status["error"] + by_status["fail"] + by_status["warn"]
     counts = {s: sum(1 for f in attention if f["severity"] == s) for s in SEVERITY_ORDER}
@@ -268,6 +327,7 @@ def build_view(run_dir: Path, results: dict[str, Any], results_sha256: str) -> d
         "config_yaml": yaml.safe_dump(config, sort_keys=True, allow_unicode=True, width=100),
         "display_scope": display_scope,
         "tables": tables,
+        "galleries": Galleries(run_dir, results, sample_images),
         "rule_limit": lambda rule_id, status="fail": rule_limit(rules, rule_id, status),
         "scope_of": lambda **parts: scope(**parts),
     }
