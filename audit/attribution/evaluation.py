@@ -198,9 +198,9 @@ def deletion_curve(
     `baseline_for(x, "blur")`; None = zeros in the model's input space) in `steps` equal fractions,
     most relevant first (`order="attribution"`, ties in raster order) or in a seeded random order
     (`order="random"`, the control). The area under the target-class probability curve over the
-    fraction removed in [0, 1] is computed per sample; lower = more faithful. Every (sample, step)
-    image goes through `forward_probs` in chunks of `batch_size`, so any forward function works
-    (onnxruntime wrappers included) and there is no per-sample loop.
+    fraction removed in [0, 1] is computed per sample; lower = more faithful. Whole steps of the
+    batch go through `forward_probs` together (about `batch_size` images a call), so any forward
+    function works (onnxruntime wrappers included) and there is no per-sample loop.
     """
     if steps < 1:
         raise ValueError("steps must be at least 1")
@@ -226,14 +226,15 @@ def deletion_curve(
     removed = torch.from_numpy(np.round(fractions * pixels).astype(np.int64)).to(x.device)
     fill_t = torch.zeros_like(x) if fill is None else fill.detach().to(x).expand_as(x)
     curves = np.empty((n, steps + 1), dtype=np.float64)
-    total = n * (steps + 1)
+    per_call = max(1, batch_size // n)  # whole steps per forward call: elementwise masks, no gathers
+    target_d = target.to(x.device)
     with torch.no_grad():
-        for start in range(0, total, max(1, batch_size)):
-            pair = torch.arange(start, min(start + max(1, batch_size), total), device=x.device)
-            k, i = pair // n, pair % n
-            gone = (rank_t[i] < removed[k][:, None]).reshape(-1, 1, height, width)
-            probs = torch.as_tensor(forward_probs(torch.where(gone, fill_t[i], x[i]))).reshape(len(pair), -1)
-            picked = probs.gather(1, target[i.cpu()][:, None].to(probs.device))[:, 0]
-            curves[i.cpu().numpy(), k.cpu().numpy()] = picked.double().cpu().numpy()
+        for k0 in range(0, steps + 1, per_call):
+            ks = removed[k0 : k0 + per_call]
+            gone = (rank_t[None] < ks[:, None, None]).reshape(len(ks), n, 1, height, width)
+            images = torch.where(gone, fill_t[None], x[None]).reshape(len(ks) * n, *x.shape[1:])
+            probs = torch.as_tensor(forward_probs(images)).reshape(len(ks), n, -1).to(x.device)
+            picked = probs.gather(2, target_d[None, :, None].expand(len(ks), n, 1))[..., 0]
+            curves[:, k0 : k0 + len(ks)] = picked.double().cpu().numpy().T
     auc = np.trapezoid(curves, fractions, axis=1)
     return DeletionResult(order=order, fractions=fractions, curves=curves, auc=auc, mean_auc=float(auc.mean()))

@@ -25,6 +25,7 @@ from typing import Literal
 
 import numpy as np
 import torch
+from captum import attr as ca  # imported once with the module: the import costs seconds
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -396,6 +397,8 @@ def attribute(
             warnings.filterwarnings("ignore", message=pattern)
         if spec.name == "kernel_shap":
             return _kernel_shap(forward, x, target, params, normalisation, pixel_mean)
+        if spec.name == "occlusion":
+            return _occlusion(forward, x, target, params, normalisation, pixel_mean)
         run = _runner(spec.name, forward, module, x, params, normalisation, pixel_mean)
         chunk = params.batch_size
         if spec.name == "gradient_shap":
@@ -447,7 +450,6 @@ def _runner(
     pixel_mean: Tensor | None,
 ) -> Callable[[Tensor, Tensor, Tensor | None], Tensor]:
     """Build the captum object once; return chunk -> raw attribution (N, C, H, W) or (N, 1, H, W)."""
-    from captum import attr as ca
 
     height, width = x.shape[2], x.shape[3]
     budget = max(1, params.internal_batch_size)
@@ -565,7 +567,7 @@ def _deeplift() -> type:
     #1104, fixed upstream after 0.9.0). A full backward pre-hook sees the rewritten gradient.
     In-place modules keep captum's own registration (full backward hooks refuse them).
     """
-    from captum.attr import DeepLift
+    DeepLift = ca.DeepLift
 
     class _FixedDeepLift(DeepLift):
         def _register_hooks(self, module: nn.Module, attribute_to_layer_input: bool = True) -> None:
@@ -606,6 +608,61 @@ def _backward_hook_after_downstream(
     return [module.register_forward_pre_hook(pre_hook), module.register_full_backward_pre_hook(capture)]
 
 
+def occlusion_boxes(height: int, width: int, params: AttributionParams) -> list[tuple[int, int, int, int]]:
+    """(top, bottom, left, right) of every window position, as captum's Occlusion places them.
+
+    Positions start at multiples of the stride; ceil((side - window) / stride) + 1 of them per side,
+    the last one cropped at the border when the stride does not divide evenly.
+    """
+    (wh, ww), (sh, sw) = occlusion_geometry(height, width, params)
+    ny = int(np.ceil((height - wh) / sh)) + 1
+    nx = int(np.ceil((width - ww) / sw)) + 1
+    return [(iy * sh, min(iy * sh + wh, height), ix * sw, min(ix * sw + ww, width)) for iy in range(ny) for ix in range(nx)]
+
+
+def _occlusion(
+    forward: Forward | nn.Module,
+    x: Tensor,
+    target: Tensor,
+    params: AttributionParams,
+    normalisation: Normalisation,
+    pixel_mean: Tensor | None,
+) -> np.ndarray:
+    """Occlusion (Zeiler and Fergus 2014) with captum's semantics, vectorised over windows and samples.
+
+    Each window position covers all channels with the baseline; every pixel gets the mean drop of
+    the target score over the windows covering it (captum's Occlusion with its feature counts).
+    Building all occluded copies of a chunk at once and sending about `internal_batch_size` images
+    per call avoids captum's per-perturbation Python bookkeeping, which cost more than the model.
+    """
+    boxes = occlusion_boxes(x.shape[2], x.shape[3], params)
+    masks = torch.zeros(len(boxes), *x.shape[2:], device=x.device, dtype=x.dtype)
+    for p, (top, bottom, left, right) in enumerate(boxes):
+        masks[p, top:bottom, left:right] = 1.0
+    counts = masks.sum(dim=0)
+    positions = masks.shape[0]
+    out = []
+    with torch.no_grad():
+        for start in range(0, x.shape[0], max(1, params.batch_size)):
+            xc, tc = x[start : start + params.batch_size], target[start : start + params.batch_size]
+            n = xc.shape[0]
+            base = baseline_for(xc, params.baseline, pixel_mean, normalisation)
+            rows = torch.arange(n, device=x.device)
+            reference = torch.as_tensor(forward(xc))[rows, tc]
+            drops = torch.empty(n, positions, device=x.device)
+            per_call = max(1, max(params.internal_batch_size, params.perturbations_per_eval) // n)
+            for p0 in range(0, positions, per_call):
+                group = boxes[p0 : p0 + per_call]
+                images = xc.unsqueeze(0).repeat(len(group), 1, 1, 1, 1)  # one copy, then only the windows are written
+                for j, (top, bottom, left, right) in enumerate(group):
+                    images[j, :, :, top:bottom, left:right] = base[:, :, top:bottom, left:right]
+                scores = torch.as_tensor(forward(images.reshape(-1, *xc.shape[1:]))).reshape(len(group), n, -1)
+                drops[:, p0 : p0 + len(group)] = (reference[None] - scores[:, rows, tc]).T
+            maps = (drops @ masks.reshape(positions, -1)).reshape(n, *x.shape[2:]) / counts
+            out.append(maps.float().cpu().numpy())
+    return np.concatenate(out).astype(np.float32, copy=False)
+
+
 def _kernel_shap(
     forward: Forward | nn.Module,
     x: Tensor,
@@ -620,7 +677,7 @@ def _kernel_shap(
     each sample's result equals captum's KernelShap on that sample alone with the same seed; the
     regression is sklearn's weighted least squares with intercept (centre, scale by sqrt(weight)).
     """
-    from captum.attr import KernelShap
+    KernelShap = ca.KernelShap
     from torch.distributions.categorical import Categorical
 
     height, width = x.shape[2], x.shape[3]

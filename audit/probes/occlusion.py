@@ -30,7 +30,7 @@ class OcclusionParams(ProbeParams):
     window: int | None = Field(default=None, ge=1, description="occluding patch side in pixels (default about 1/8 of the side)")
     stride: int | None = Field(default=None, ge=1, description="patch stride (default half the window)")
     baseline: Literal["zeros", "blur", "mean"] = Field(default="zeros", description="what covers a region: black, a blurred copy, or the mean colour")
-    perturbations_per_eval: int = Field(default=64, ge=1, description="occluded copies per forward pass")
+    perturbations_per_eval: int = Field(default=256, ge=1, description="occluded images per forward pass")
     batch_size: int = Field(default=16, ge=1, description="images explained together")
     deletion_steps: int = Field(default=16, ge=2, description="steps of the deletion curve (faithfulness)")
 
