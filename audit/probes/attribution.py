@@ -25,7 +25,7 @@ from audit.errors import first_line
 from audit.metrics.names import scope
 from audit.models.base import Capability
 from audit.probes.base import Evidence, Probe, ProbeParams, Taps
-from audit.probes.model_functions import chunks, normalisation, probabilities_function, scores_function, shrink
+from audit.probes.model_functions import detail_batches, normalisation, probabilities_function, scores_function, shrink
 from audit.probes.registry import register
 from audit.probes.sampling import detail_sample
 
@@ -124,7 +124,6 @@ class Attribution(Probe):
         context, p = self.context, self.params
         runnable, status, notes = self._plan()
         chosen = detail_sample(rows, p.per_class, p.max_samples, context.seed, prefer="has_mask")
-        by_id = {s.id: s for s in context.manifest.samples}
         module = context.model.torch_module()
         device = context.model.device
         settings = self._settings()
@@ -135,13 +134,7 @@ class Attribution(Probe):
         maps: dict[str, dict[str, np.ndarray]] = {m: {} for m in runnable}
         sanity_inputs: list[tuple[torch.Tensor, torch.Tensor]] = []
         bar = context.progress(total=len(chosen) * max(len(runnable), 1), desc="attributions", unit="map")
-        for part in chunks(len(chosen), p.batch_size):
-            block = chosen.iloc[part]
-            samples, raw = context.load_inputs([by_id[i] for i in block["id"]])
-            if not samples:
-                continue
-            block = block.set_index("id").loc[[s.id for s in samples]].reset_index()
-            x = torch.from_numpy(context.prep.normalise(raw)).to(device)
+        for block, samples, _, x in detail_batches(context, chosen, p.batch_size, device):
             target = torch.tensor(block["target"].to_numpy(np.int64)).to(device)
             if sum(len(t) for _, t in sanity_inputs) < p.sanity_samples:
                 sanity_inputs.append((x, target))

@@ -22,7 +22,7 @@ from pydantic import Field
 from audit.backgrounds import counterfactuals
 from audit.metrics.names import scope
 from audit.probes.base import Evidence, Probe, ProbeParams, Taps
-from audit.probes.model_functions import chunks, load_masks, probabilities_function, shrink
+from audit.probes.model_functions import detail_batches, load_masks, probabilities_function, shrink
 from audit.probes.registry import register
 from audit.probes.sampling import detail_sample, id_rank
 from audit.thumbnails import to_display
@@ -219,7 +219,6 @@ class Background(Probe):
         context = self.context
         if chosen.empty:
             return pd.DataFrame()
-        by_id = {s.id: s for s in context.manifest.samples}
         forward = probabilities_function(context)
         names = context.classes
         self._images: dict[str, dict[str, np.ndarray]] = {}
@@ -227,15 +226,11 @@ class Background(Probe):
         bar = context.progress(total=len(chosen), desc="background swaps", unit="sample")
         for _, group in chosen.groupby(chosen["domain"].fillna(""), sort=True):
             group = group.iloc[np.argsort(id_rank(group["id"], context.seed), kind="stable")]  # mix classes within each chunk
-            for part in chunks(len(group), self.params.batch_size):
-                block = group.iloc[part]
-                samples, raw = context.load_inputs([by_id[i] for i in block["id"]])
+            for block, samples, raw, _ in detail_batches(context, group, self.params.batch_size):
                 masks, ok = load_masks(samples, context.prep.input_size)
-                keep = [i for i in range(len(samples)) if ok[i]]
-                if not keep:
+                if not ok.any():
                     continue
-                samples, raw, masks = [samples[i] for i in keep], raw[keep], masks[keep]
-                block = block.set_index("id").loc[[s.id for s in samples]].reset_index()
+                samples, raw, masks, block = [s for s, k in zip(samples, ok, strict=True) if k], raw[ok], masks[ok], block[ok].reset_index(drop=True)
                 reference = block["reference"].to_numpy()
                 variants = counterfactuals(raw, masks, [names[r] for r in reference], context.seed)
                 grey = np.full_like(raw, GREY)

@@ -6,10 +6,11 @@ so perturbation methods, deletion curves and counterfactuals measure the model t
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING
 
 import numpy as np
+import pandas as pd
 import torch
 import torch.nn.functional as F
 
@@ -74,3 +75,16 @@ def load_masks(samples: Sequence[Sample], size: tuple[int, int]) -> tuple[np.nda
 
 def chunks(n: int, size: int) -> list[slice]:
     return [slice(i, min(i + size, n)) for i in range(0, n, size)]
+
+
+def detail_batches(context: RunContext, rows: pd.DataFrame, batch_size: int, device: str = "cpu"
+                   ) -> Iterator[tuple[pd.DataFrame, list[Sample], np.ndarray, torch.Tensor]]:
+    """The chosen rows in batches: (rows of the readable samples, the samples, raw inputs, normalised tensor)."""
+    by_id = {s.id: s for s in context.manifest.samples}
+    for part in chunks(len(rows), batch_size):
+        block = rows.iloc[part]
+        samples, raw = context.load_inputs([by_id[i] for i in block["id"]])
+        if not samples:
+            continue
+        block = block.set_index("id").loc[[s.id for s in samples]].reset_index()
+        yield block, samples, raw, torch.from_numpy(context.prep.normalise(raw)).to(device)

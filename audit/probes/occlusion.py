@@ -19,7 +19,7 @@ from audit.attribution.evaluation import deletion_curve
 from audit.attribution.methods import METHODS, AttributionParams, attribute, baseline_for, occlusion_geometry
 from audit.metrics.names import scope
 from audit.probes.base import Evidence, Probe, ProbeParams, Taps
-from audit.probes.model_functions import chunks, load_masks, normalisation, probabilities_function, shrink
+from audit.probes.model_functions import detail_batches, load_masks, normalisation, probabilities_function, shrink
 from audit.probes.registry import register
 from audit.probes.sampling import detail_sample
 
@@ -78,7 +78,6 @@ class Occlusion(Probe):
     def reduce(self, rows: pd.DataFrame) -> Evidence:
         context, p = self.context, self.params
         chosen = detail_sample(rows, p.per_class, p.max_samples, context.seed, prefer="has_mask")
-        by_id = {s.id: s for s in context.manifest.samples}
         forward = probabilities_function(context)
         h, w = context.prep.input_size
         (wh, ww), (sh, sw) = occlusion_geometry(h, w, AttributionParams(occlusion_window=p.window, occlusion_stride=p.stride))
@@ -88,13 +87,7 @@ class Occlusion(Probe):
         records: list[pd.DataFrame] = []
         maps_by_id: dict[str, np.ndarray] = {}
         bar = context.progress(total=len(chosen), desc="occlusion", unit="sample")
-        for part in chunks(len(chosen), p.batch_size):
-            block = chosen.iloc[part]
-            samples, raw = context.load_inputs([by_id[i] for i in block["id"]])
-            if not samples:
-                continue
-            block = block.set_index("id").loc[[s.id for s in samples]].reset_index()
-            x = torch.from_numpy(context.prep.normalise(raw))
+        for block, samples, _, x in detail_batches(context, chosen, p.batch_size):
             target = torch.tensor(block["target"].to_numpy(np.int64))
             maps = attribute("occlusion", forward, x, target, settings, norm)
             fill = baseline_for(x, p.baseline, normalisation=norm)
