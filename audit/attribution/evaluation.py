@@ -210,18 +210,16 @@ def deletion_curve(
     target = torch.as_tensor(target, dtype=torch.long).reshape(-1).cpu()
     if isinstance(maps, Tensor):
         maps = maps.detach().cpu().numpy()
-    scores = np.asarray(maps, dtype=np.float64).reshape(n, -1)
+    scores = torch.from_numpy(np.ascontiguousarray(maps, dtype=np.float32).reshape(n, -1))
     if scores.shape[1] != pixels:
         raise ValueError(f"maps have {scores.shape[1]} pixels, inputs {pixels}")
     if order == "attribution":
-        ranking = np.argsort(-np.nan_to_num(scores, nan=-np.inf), axis=1, kind="stable")
+        ranking = torch.argsort(-torch.nan_to_num(scores, nan=-torch.inf), dim=1, stable=True)
     elif order == "random":
-        ranking = np.argsort(np.random.default_rng(seed).random((n, pixels)), axis=1)
+        ranking = torch.argsort(torch.from_numpy(np.random.default_rng(seed).random((n, pixels))), dim=1)
     else:
         raise ValueError(f"unknown order {order!r} (attribution, random)")
-    rank = np.empty_like(ranking)
-    np.put_along_axis(rank, ranking, np.broadcast_to(np.arange(pixels), ranking.shape), axis=1)
-    rank_t = torch.from_numpy(rank).to(x.device)
+    rank_t = torch.empty_like(ranking).scatter_(1, ranking, torch.arange(pixels).expand(n, -1)).to(x.device)
     fractions = np.linspace(0.0, 1.0, steps + 1)
     removed = torch.from_numpy(np.round(fractions * pixels).astype(np.int64)).to(x.device)
     fill_t = torch.zeros_like(x) if fill is None else fill.detach().to(x).expand_as(x)

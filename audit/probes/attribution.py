@@ -11,6 +11,7 @@ onnxruntime instead, and the report says so.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 from typing import Any, Literal
 
@@ -25,7 +26,7 @@ from audit.errors import first_line
 from audit.metrics.names import scope
 from audit.models.base import Capability
 from audit.probes.base import Evidence, Probe, ProbeParams, Taps
-from audit.probes.model_functions import detail_batches, normalisation, probabilities_function, scores_function, shrink
+from audit.probes.model_functions import detail_batches, normalisation, probabilities_function, scores_function, shrink, torch_threads
 from audit.probes.registry import register
 from audit.probes.sampling import detail_sample
 
@@ -113,6 +114,10 @@ class Attribution(Probe):
                     runnable.append(name)
         return runnable, status, notes
 
+    def _runtime_threads(self):  # type: ignore[no-untyped-def]
+        """Deletion curves run the real model; for ONNX that is onnxruntime, which needs the cores to itself."""
+        return torch_threads(1) if self.context.model.format == "onnx" else contextlib.nullcontext()
+
     def _settings(self) -> AttributionParams:
         p = self.params
         return AttributionParams(ig_steps=p.ig_steps, internal_batch_size=p.internal_batch_size, baseline=p.baseline,
@@ -139,7 +144,8 @@ class Attribution(Probe):
             if sum(len(t) for _, t in sanity_inputs) < p.sanity_samples:
                 sanity_inputs.append((x, target))
             fill = baseline_for(x, p.baseline, normalisation=norm)
-            control = deletion_curve(probs_fn, x, target, np.zeros((len(x), *x.shape[2:])), p.deletion_steps, fill, "random", context.seed)
+            with self._runtime_threads():
+                control = deletion_curve(probs_fn, x, target, np.zeros((len(x), *x.shape[2:])), p.deletion_steps, fill, "random", context.seed)
             for method in runnable:
                 if status[method]["status"] != "ran":
                     continue
@@ -152,7 +158,8 @@ class Attribution(Probe):
                 except Exception as exc:  # noqa: BLE001 - one method failing must not lose the others
                     status[method] = {"status": "error", "reason": first_line(exc)}
                     continue
-                ranked = deletion_curve(probs_fn, x, target, result, p.deletion_steps, fill, "attribution", context.seed)
+                with self._runtime_threads():
+                    ranked = deletion_curve(probs_fn, x, target, result, p.deletion_steps, fill, "attribution", context.seed)
                 records.append(block[["id", "class", "domain", "target"]].assign(
                     method=method, deletion_auc=ranked.auc, random_deletion_auc=control.auc))
                 maps[method].update(zip(block["id"], shrink(result), strict=True))

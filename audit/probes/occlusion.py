@@ -19,7 +19,7 @@ from audit.attribution.evaluation import deletion_curve
 from audit.attribution.methods import METHODS, AttributionParams, attribute, baseline_for, occlusion_geometry
 from audit.metrics.names import scope
 from audit.probes.base import Evidence, Probe, ProbeParams, Taps
-from audit.probes.model_functions import detail_batches, load_masks, normalisation, probabilities_function, shrink
+from audit.probes.model_functions import detail_batches, load_masks, normalisation, probabilities_function, shrink, torch_threads
 from audit.probes.registry import register
 from audit.probes.sampling import detail_sample
 
@@ -76,6 +76,12 @@ class Occlusion(Probe):
                              "domain": [s.domain for s in batch.samples]})
 
     def reduce(self, rows: pd.DataFrame) -> Evidence:
+        if self.context.model.format == "onnx":  # perturbations are cheap torch work; onnxruntime gets the cores
+            with torch_threads(1):
+                return self._reduce(rows)
+        return self._reduce(rows)
+
+    def _reduce(self, rows: pd.DataFrame) -> Evidence:
         context, p = self.context, self.params
         chosen = detail_sample(rows, p.per_class, p.max_samples, context.seed, prefer="has_mask")
         forward = probabilities_function(context)
