@@ -136,8 +136,9 @@ class Background(Probe):
 
     def reduce(self, rows: pd.DataFrame) -> Evidence:
         masked = rows[rows["has_mask"]]
-        swaps = self._swaps(detail_sample(masked, self.params.per_class, self.params.max_samples, self.context.seed + 1))
         methods, best_map_method, best_map_reason = self._methods()
+        mapped = set().union(*(maps.keys() for maps in methods.values())) if methods else set()
+        swaps = self._swaps(detail_sample(masked, self.params.per_class, self.params.max_samples, self.context.seed + 1), mapped)
         located = pd.concat([self._region_rows(swaps), self._localise(methods, set(masked["id"]))], ignore_index=True)
         chosen = REGION_METHOD if len(swaps) else best_map_method
         chosen_reason = REGION_REASON if len(swaps) else best_map_reason
@@ -214,14 +215,17 @@ class Background(Probe):
         return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(
             columns=["outside_share", "background_area", "outside_ratio", "pointing_hit", "id", "method"])
 
-    def _swaps(self, chosen: pd.DataFrame) -> pd.DataFrame:
-        """Predictions on only-bg-t, mixed-same and mixed-rand versions of each chosen image (per domain)."""
+    def _swaps(self, chosen: pd.DataFrame, mapped: set[str]) -> pd.DataFrame:
+        """Predictions on only-bg-t, mixed-same and mixed-rand versions of each chosen image (per domain).
+
+        Keeps, per class, display copies of only the few samples a gallery could show (those with
+        heatmaps first, then the highest background ratio): memory stays bounded on large audits."""
         context = self.context
+        self._candidates: dict[str, list[tuple[tuple[bool, float, float], str, dict[str, np.ndarray]]]] = {}
         if chosen.empty:
             return pd.DataFrame()
         forward = probabilities_function(context)
         names = context.classes
-        self._images: dict[str, dict[str, np.ndarray]] = {}
         frames = []
         bar = context.progress(total=len(chosen), desc="background swaps", unit="sample")
         for _, group in chosen.groupby(chosen["domain"].fillna(""), sort=True):
@@ -247,8 +251,8 @@ class Background(Probe):
                     valid = variants[variant][1]
                     frame[f"pred_{variant}"] = np.where(valid, preds[k], -1)
                 frames.append(frame)
-                self._images.update({s.id: {"input": raw[j], "mask": masks[j], **{v: variants[v][0][j] for v in VARIANTS}}
-                                     for j, s in enumerate(samples)})
+                if context.sample_images and self.params.gallery_per_class:
+                    self._keep_candidates(frame, raw, masks, variants, mapped)
                 bar.update(len(samples))
         bar.close()
         table = pd.concat(frames, ignore_index=True)
@@ -269,6 +273,19 @@ class Background(Probe):
         if swaps.empty:
             return pd.DataFrame()
         return swaps[["id", "outside_share", "background_area", "outside_ratio", "pointing_hit"]].assign(method=REGION_METHOD)
+
+    def _keep_candidates(self, frame: pd.DataFrame, raw: np.ndarray, masks: np.ndarray,
+                         variants: dict[str, tuple[np.ndarray, np.ndarray]], mapped: set[str]) -> None:
+        names = self.context.classes
+        flipped = (frame["pred_original"] == frame["reference"]) & (frame["pred_mixed_rand"] >= 0) & (frame["pred_mixed_rand"] != frame["pred_original"])
+        for j, row in enumerate(frame.itertuples()):
+            key = (row.id in mapped, 0.0 if pd.isna(row.outside_ratio) else float(row.outside_ratio), float(flipped.iloc[j]))
+            kept = self._candidates.setdefault(names[int(row.reference)], [])
+            if len(kept) < self.params.gallery_per_class or key > min(k for k, _, _ in kept):
+                bundle = {"input": to_display(raw[j]), "mask": masks[j], **{f"variant_{v}": to_display(variants[v][0][j]) for v in VARIANTS}}
+                kept.append((key, row.id, bundle))
+                kept.sort(key=lambda item: item[0], reverse=True)
+                del kept[self.params.gallery_per_class :]
 
     def _metrics(self, table: pd.DataFrame, located: pd.DataFrame, chosen: str | None) -> Evidence:
         evidence = Evidence()
@@ -338,30 +355,25 @@ class Background(Probe):
         (input, mask, every map, the counterfactuals); the report draws them."""
         if table.empty or self.params.gallery_classes == 0:
             return {}
-        images = getattr(self, "_images", {})
         score = table.assign(rank_ratio=table.get("outside_ratio", pd.Series(np.nan, index=table.index)).fillna(0.0),
                              rank_flip=table["flipped"].astype("Float64").fillna(0.0) if "flipped" in table else 0.0)
         ranking = score.groupby("class")[["rank_ratio", "rank_flip"]].mean().assign(rank_key=lambda f: f["rank_ratio"] + f["rank_flip"])
-        galleries: dict[str, list[dict[str, Any]]] = {}
+        rows = table.set_index("id")
         names = self.context.classes
+        galleries: dict[str, list[dict[str, Any]]] = {}
         for cls in ranking.sort_values("rank_key", ascending=False).index[: self.params.gallery_classes]:
-            mapped = set().union(*(maps.keys() for maps in methods.values())) if methods else set()
-            candidates = score[(score["class"] == cls) & score["id"].isin(images)].assign(has_map=lambda f: f["id"].isin(mapped))
-            worst = candidates.sort_values(["has_map", "rank_ratio", "rank_flip"], ascending=False)  # samples with heatmaps first
             entries = []
-            for row in worst.head(self.params.gallery_per_class).itertuples():
-                bundle = images[row.id]
-                arrays = {"input": to_display(bundle["input"]), "mask": bundle["mask"]}
-                arrays.update({f"variant_{v}": to_display(bundle[v]) for v in VARIANTS})
-                arrays.update({f"map_{m}": maps[row.id].astype(np.float16) for m, maps in methods.items() if row.id in maps})
+            for (_, ratio, _), sample_id, bundle in self._candidates.get(str(cls), []):
+                arrays = dict(bundle)
+                arrays.update({f"map_{m}": maps[sample_id].astype(np.float16) for m, maps in methods.items() if sample_id in maps})
                 buffer = io.BytesIO()
                 np.savez_compressed(buffer, **arrays)
+                row = rows.loc[sample_id]
                 entries.append({
-                    "id": row.id,
+                    "id": sample_id,
                     "artifact": self.context.store.write_artifact(buffer.getvalue(), ".npz"),
-                    "outside_ratio": None if pd.isna(row.rank_ratio) else float(row.rank_ratio),
-                    "predictions": {v: (names[int(getattr(row, f"pred_{v}"))] if getattr(row, f"pred_{v}", -1) >= 0 else None)
-                                    for v in ("original", *VARIANTS)},
+                    "outside_ratio": ratio,
+                    "predictions": {v: (names[int(row[f"pred_{v}"])] if row[f"pred_{v}"] >= 0 else None) for v in ("original", *VARIANTS)},
                 })
             galleries[str(cls)] = entries
         return galleries
