@@ -162,7 +162,7 @@ class Attribution(Probe):
                     ranked = deletion_curve(probs_fn, x, target, result, p.deletion_steps, fill, "attribution", context.seed)
                 records.append(block[["id", "class", "domain", "target"]].assign(
                     method=method, deletion_auc=ranked.auc, random_deletion_auc=control.auc))
-                maps[method].update(zip(block["id"], shrink(result), strict=True))
+                maps[method].update(zip(block["id"], shrink(result).astype(np.float16), strict=True))  # kept small for localisation
                 bar.update(len(samples))
         bar.close()
         self.table = pd.concat(records, ignore_index=True) if records else pd.DataFrame(

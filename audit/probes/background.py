@@ -209,7 +209,7 @@ class Background(Probe):
             ids = [i for i in ids if mask_cache[i] is not None]
             if not ids:
                 continue
-            stack = np.stack([maps[i] for i in ids])
+            stack = np.stack([maps[i] for i in ids]).astype(np.float32)
             fractions = np.stack([shrink(mask_cache[i][None].astype(np.float32), max(stack.shape[1:]))[0] for i in ids])
             frames.append(localisation(stack, fractions).assign(id=ids, method=method))
         return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(

@@ -113,7 +113,7 @@ class Occlusion(Probe):
                 frame.loc[ok, "object_drop"] = probs[ok] - both[:k]
                 frame.loc[ok, "background_drop"] = probs[ok] - both[k:]
             records.append(frame)
-            maps_by_id.update(zip(frame["id"], shrink(maps), strict=True))
+            maps_by_id.update(zip(frame["id"], shrink(maps).astype(np.float16), strict=True))
             bar.update(len(samples))
         bar.close()
         table = pd.concat(records, ignore_index=True) if records else pd.DataFrame(
