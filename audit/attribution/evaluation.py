@@ -219,18 +219,28 @@ def deletion_curve(
         ranking = torch.argsort(torch.from_numpy(np.random.default_rng(seed).random((n, pixels))), dim=1)
     else:
         raise ValueError(f"unknown order {order!r} (attribution, random)")
-    rank_t = torch.empty_like(ranking).scatter_(1, ranking, torch.arange(pixels).expand(n, -1)).to(x.device)
+    ranking = ranking.to(x.device)
     fractions = np.linspace(0.0, 1.0, steps + 1)
-    removed = torch.from_numpy(np.round(fractions * pixels).astype(np.int64)).to(x.device)
+    removed = np.round(fractions * pixels).astype(np.int64)
     fill_t = torch.zeros_like(x) if fill is None else fill.detach().to(x).expand_as(x)
+    channels = x.shape[1]
+    fill_flat = fill_t.reshape(n, channels, pixels)
     curves = np.empty((n, steps + 1), dtype=np.float64)
-    per_call = max(1, batch_size // n)  # whole steps per forward call: elementwise masks, no gathers
+    per_call = max(1, min(steps + 1, batch_size // n))  # whole steps per forward call
+    # Each buffer slot moves forward through the steps; only the pixels newly removed since its last
+    # step are written (a slice of the ranking), never whole images.
+    buffer = x.detach().unsqueeze(0).repeat(per_call, 1, 1, 1, 1).reshape(per_call, n, channels, pixels)
+    done = [0] * per_call
     target_d = target.to(x.device)
     with torch.no_grad():
         for k0 in range(0, steps + 1, per_call):
-            ks = removed[k0 : k0 + per_call]
-            gone = (rank_t[None] < ks[:, None, None]).reshape(len(ks), n, 1, height, width)
-            images = torch.where(gone, fill_t[None], x[None]).reshape(len(ks) * n, *x.shape[1:])
+            ks = range(k0, min(k0 + per_call, steps + 1))
+            for j, k in enumerate(ks):
+                if removed[k] > done[j]:
+                    index = ranking[:, done[j] : removed[k]].unsqueeze(1).expand(n, channels, -1)
+                    buffer[j].scatter_(2, index, fill_flat.gather(2, index))
+                    done[j] = int(removed[k])
+            images = buffer[: len(ks)].reshape(len(ks) * n, *x.shape[1:])
             probs = torch.as_tensor(forward_probs(images)).reshape(len(ks), n, -1).to(x.device)
             picked = probs.gather(2, target_d[None, :, None].expand(len(ks), n, 1))[..., 0]
             curves[:, k0 : k0 + len(ks)] = picked.double().cpu().numpy().T

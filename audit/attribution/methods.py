@@ -651,12 +651,20 @@ def _occlusion(
             reference = torch.as_tensor(forward(xc))[rows, tc]
             drops = torch.empty(n, positions, device=x.device)
             per_call = max(1, max(params.internal_batch_size, params.perturbations_per_eval) // n)
+            # One buffer of per_call copies, reused: each slot gets its previous window restored and
+            # its next window covered, so only two windows are written per image, not whole images.
+            buffer = xc.unsqueeze(0).repeat(min(per_call, positions), 1, 1, 1, 1)
+            previous: list[tuple[int, int, int, int] | None] = [None] * len(buffer)
             for p0 in range(0, positions, per_call):
                 group = boxes[p0 : p0 + per_call]
-                images = xc.unsqueeze(0).repeat(len(group), 1, 1, 1, 1)  # one copy, then only the windows are written
                 for j, (top, bottom, left, right) in enumerate(group):
-                    images[j, :, :, top:bottom, left:right] = base[:, :, top:bottom, left:right]
-                scores = torch.as_tensor(forward(images.reshape(-1, *xc.shape[1:]))).reshape(len(group), n, -1)
+                    if previous[j] is not None:
+                        t, b, l, r = previous[j]  # type: ignore[misc]
+                        buffer[j, :, :, t:b, l:r] = xc[:, :, t:b, l:r]
+                    buffer[j, :, :, top:bottom, left:right] = base[:, :, top:bottom, left:right]
+                    previous[j] = (top, bottom, left, right)
+                images = buffer[: len(group)].reshape(-1, *xc.shape[1:])
+                scores = torch.as_tensor(forward(images)).reshape(len(group), n, -1)
                 drops[:, p0 : p0 + len(group)] = (reference[None] - scores[:, rows, tc]).T
             maps = (drops @ masks.reshape(positions, -1)).reshape(n, *x.shape[2:]) / counts
             out.append(maps.float().cpu().numpy())

@@ -26,7 +26,7 @@ from audit.errors import first_line
 from audit.metrics.names import scope
 from audit.models.base import Capability
 from audit.probes.base import Evidence, Probe, ProbeParams, Taps
-from audit.probes.model_functions import detail_batches, normalisation, probabilities_function, scores_function, shrink, torch_threads
+from audit.probes.model_functions import DELETION_BATCH, detail_batches, normalisation, probabilities_function, scores_function, shrink, torch_threads
 from audit.probes.registry import register
 from audit.probes.sampling import detail_sample
 
@@ -145,7 +145,7 @@ class Attribution(Probe):
                 sanity_inputs.append((x, target))
             fill = baseline_for(x, p.baseline, normalisation=norm)
             with self._runtime_threads():
-                control = deletion_curve(probs_fn, x, target, np.zeros((len(x), *x.shape[2:])), p.deletion_steps, fill, "random", context.seed)
+                control = deletion_curve(probs_fn, x, target, np.zeros((len(x), *x.shape[2:])), p.deletion_steps, fill, "random", context.seed, DELETION_BATCH)
             for method in runnable:
                 if status[method]["status"] != "ran":
                     continue
@@ -159,7 +159,7 @@ class Attribution(Probe):
                     status[method] = {"status": "error", "reason": first_line(exc)}
                     continue
                 with self._runtime_threads():
-                    ranked = deletion_curve(probs_fn, x, target, result, p.deletion_steps, fill, "attribution", context.seed)
+                    ranked = deletion_curve(probs_fn, x, target, result, p.deletion_steps, fill, "attribution", context.seed, DELETION_BATCH)
                 records.append(block[["id", "class", "domain", "target"]].assign(
                     method=method, deletion_auc=ranked.auc, random_deletion_auc=control.auc))
                 maps[method].update(zip(block["id"], shrink(result).astype(np.float16), strict=True))  # kept small for localisation

@@ -23,7 +23,8 @@ if TYPE_CHECKING:
     from audit.manifest import Sample
     from audit.probes.base import RunContext
 
-MAP_SIDE = 64  # maps handed between probes and kept for galleries are at most this many pixels a side
+MAP_SIDE = 64
+DELETION_BATCH = 256  # images per forward call in deletion curves: fewer, larger calls into the runtime  # maps handed between probes and kept for galleries are at most this many pixels a side
 
 
 def probabilities_function(context: RunContext, chunk: int = 256) -> Callable[[torch.Tensor], torch.Tensor]:

@@ -19,7 +19,7 @@ from audit.attribution.evaluation import deletion_curve
 from audit.attribution.methods import METHODS, AttributionParams, attribute, baseline_for, occlusion_geometry
 from audit.metrics.names import scope
 from audit.probes.base import Evidence, Probe, ProbeParams, Taps
-from audit.probes.model_functions import detail_batches, load_masks, normalisation, probabilities_function, shrink, torch_threads
+from audit.probes.model_functions import DELETION_BATCH, detail_batches, load_masks, normalisation, probabilities_function, shrink, torch_threads
 from audit.probes.registry import register
 from audit.probes.sampling import detail_sample
 
@@ -98,8 +98,8 @@ class Occlusion(Probe):
             maps = attribute("occlusion", forward, x, target, settings, norm)
             fill = baseline_for(x, p.baseline, normalisation=norm)
             probs = forward(x).gather(1, target[:, None])[:, 0].numpy()
-            ranked = deletion_curve(forward, x, target, maps, p.deletion_steps, fill, "attribution", context.seed)
-            control = deletion_curve(forward, x, target, maps, p.deletion_steps, fill, "random", context.seed)
+            ranked = deletion_curve(forward, x, target, maps, p.deletion_steps, fill, "attribution", context.seed, DELETION_BATCH)
+            control = deletion_curve(forward, x, target, maps, p.deletion_steps, fill, "random", context.seed, DELETION_BATCH)
             frame = block[["id", "class", "domain", "target"]].assign(
                 probability=probs, deletion_auc=ranked.auc, random_deletion_auc=control.auc,
                 object_drop=np.nan, background_drop=np.nan)
