@@ -16,6 +16,7 @@ from audit.metrics.classification import (
     Bootstrap,
     calibration_bins,
     confusion_matrix,
+    expected_calibration_error,
     percentile_interval,
     precision_recall_f1,
     reliability_table,
@@ -179,34 +180,33 @@ class Predictions(Probe):
         bins = calibration_bins(confidence, params.ece_bins)
         gap = confidence - correct
         c_gap = [boot.add(np.where(bins == b, gap, 0.0)) for b in range(params.ece_bins)]
-        point = boot.point()
-        reps = boot.replicate_sums()
+        reps = boot.replicate_sums()  # point estimates come from the tested pure functions, intervals from here
+        matrix = confusion_matrix(labels, preds, k)
         level = params.confidence_level
 
         def ratio(sums: np.ndarray, num: int | list[int], den: int | list[int]) -> np.ndarray:
             with np.errstate(invalid="ignore", divide="ignore"):
                 return sums[..., num] / np.where(sums[..., den] > 0, sums[..., den], np.nan)
 
-        accuracy = float(point[c_correct] / point[c_ones])
+        accuracy = float(correct.mean())
         rep_accuracy = ratio(reps, c_correct, c_ones)
         evidence.add("predictions.accuracy", accuracy, scope_text, n, percentile_interval(rep_accuracy, level) if len(reps) else None)
 
-        ece = float(np.abs(point[c_gap]).sum() / n)
+        ece = expected_calibration_error(confidence, correct, params.ece_bins)
         rep_ece = np.abs(reps[:, c_gap]).sum(axis=1) / reps[:, c_ones] if len(reps) else np.empty(0)
         evidence.add("predictions.ece", ece, scope_text, n, percentile_interval(rep_ece, level) if len(reps) else None)
 
-        recall = ratio(point, c_label_ok, c_label)
-        precision = ratio(point, c_label_ok, c_pred)  # TP for class c = correct & label c = correct & pred c
+        precision, recall, f1 = precision_recall_f1(matrix)
+        # TP for class c = correct & label c (= correct & pred c), so both ratios share one numerator column.
         rep_recall = ratio(reps, c_label_ok, c_label) if len(reps) else None
         rep_precision = ratio(reps, c_label_ok, c_pred) if len(reps) else None
         with np.errstate(invalid="ignore", divide="ignore"):
-            f1 = 2 * precision * recall / (precision + recall)
             rep_f1 = 2 * rep_precision * rep_recall / (rep_precision + rep_recall) if rep_recall is not None else None
-        f1 = np.where((precision + recall) == 0, 0.0, f1)
+        supports, predicted_counts = matrix.sum(axis=1), matrix.sum(axis=0)
         for c, name in enumerate(self.context.classes):
             s = scope(domain=domain, class_=name)
-            support = int(point[c_label[c]])
-            predicted = int(point[c_pred[c]])
+            support = int(supports[c])
+            predicted = int(predicted_counts[c])
             evidence.add("predictions.support", support, s, support)
             if support:
                 evidence.add("predictions.recall", recall[c], s, support, percentile_interval(rep_recall[:, c], level) if rep_recall is not None else None)
@@ -215,7 +215,6 @@ class Predictions(Probe):
             if support and predicted:
                 evidence.add("predictions.f1", f1[c], s, support, percentile_interval(rep_f1[:, c], level) if rep_f1 is not None else None)
 
-        matrix = confusion_matrix(labels, preds, k)
         details["confusion"] = matrix.tolist()
         details["reliability"] = [vars(b) for b in reliability_table(confidence, correct, params.ece_bins)]
         edges = np.linspace(0, 1, params.histogram_bins + 1)
