@@ -26,7 +26,7 @@ from audit.errors import first_line
 from audit.metrics.names import scope
 from audit.models.base import Capability
 from audit.probes.base import Evidence, Probe, ProbeParams, Taps
-from audit.probes.model_functions import DELETION_BATCH, detail_batches, normalisation, probabilities_function, scores_function, shrink, torch_threads
+from audit.probes.model_functions import DELETION_BATCH, detail_batches, sample_rows, normalisation, probabilities_function, scores_function, shrink, torch_threads
 from audit.probes.registry import register
 from audit.probes.sampling import detail_sample
 
@@ -85,11 +85,8 @@ class Attribution(Probe):
              "attribution.random_deletion_auc": "number", "attribution.trusted": "number"}
 
     def map(self, batch, taps: Taps) -> pd.DataFrame:  # type: ignore[no-untyped-def]
-        labels = batch.labels
-        pred = taps.probabilities.argmax(axis=1)
-        names = np.asarray(self.context.classes, dtype=object)
-        return pd.DataFrame({"id": batch.ids, "class": names[np.where(labels >= 0, labels, pred)], "target": pred.astype(np.int64),
-                             "has_mask": [s.mask is not None for s in batch.samples], "domain": [s.domain for s in batch.samples]})
+        rows = sample_rows(batch, taps, self.context.classes)
+        return rows.assign(target=rows["pred"])  # attributions explain the predicted class
 
     def _plan(self) -> tuple[list[str], dict[str, dict[str, Any]], list[str]]:
         """Which methods run; for the others, why not. Never runs a method in a degraded form."""

@@ -22,7 +22,7 @@ from pydantic import Field
 from audit.backgrounds import counterfactuals
 from audit.metrics.names import scope
 from audit.probes.base import Evidence, Probe, ProbeParams, Taps
-from audit.probes.model_functions import detail_batches, load_masks, probabilities_function, shrink
+from audit.probes.model_functions import detail_batches, load_masks, probabilities_function, sample_rows, shrink
 from audit.probes.registry import register
 from audit.probes.sampling import detail_sample, id_rank
 from audit.thumbnails import to_display
@@ -126,13 +126,7 @@ class Background(Probe):
         return None
 
     def map(self, batch, taps: Taps) -> pd.DataFrame:  # type: ignore[no-untyped-def]
-        labels = batch.labels
-        pred = taps.probabilities.argmax(axis=1)
-        reference = np.where(labels >= 0, labels, pred)
-        names = np.asarray(self.context.classes, dtype=object)
-        return pd.DataFrame({"id": batch.ids, "class": names[reference], "reference": reference.astype(np.int64),
-                             "labelled": labels >= 0, "has_mask": [s.mask is not None for s in batch.samples],
-                             "domain": [s.domain for s in batch.samples]})
+        return sample_rows(batch, taps, self.context.classes)
 
     def reduce(self, rows: pd.DataFrame) -> Evidence:
         masked = rows[rows["has_mask"]]
@@ -195,23 +189,19 @@ class Background(Probe):
         return maps, method, f"Judged by {reason} (faithfulness {faith:.3f})."
 
     def _localise(self, methods: dict[str, dict[str, np.ndarray]], masked_ids: set[str]) -> pd.DataFrame:
-        by_id = {s.id: s for s in self.context.manifest.samples}
+        wanted = sorted(masked_ids & set().union(*(maps.keys() for maps in methods.values()))) if methods else []
+        samples = [s for s in self.context.manifest.samples if s.id in set(wanted)]
+        full, ok = load_masks(samples, self.context.prep.input_size)
+        fractions: dict[str, np.ndarray] = {}
+        if ok.any():  # every map has the same size, so each mask is shrunk once
+            side = max(next(m[i] for m in methods.values() for i in m).shape)
+            fractions = dict(zip([s.id for s, k in zip(samples, ok, strict=True) if k], shrink(full[ok].astype(np.float32), side), strict=True))
         frames = []
-        mask_cache: dict[str, np.ndarray] = {}
         for method, maps in methods.items():
-            ids = [i for i in maps if i in masked_ids]
-            if not ids:
-                continue
-            for i in ids:
-                if i not in mask_cache:
-                    full, ok = load_masks([by_id[i]], self.context.prep.input_size)
-                    mask_cache[i] = full[0] if ok[0] else None  # type: ignore[assignment]
-            ids = [i for i in ids if mask_cache[i] is not None]
-            if not ids:
-                continue
-            stack = np.stack([maps[i] for i in ids]).astype(np.float32)
-            fractions = np.stack([shrink(mask_cache[i][None].astype(np.float32), max(stack.shape[1:]))[0] for i in ids])
-            frames.append(localisation(stack, fractions).assign(id=ids, method=method))
+            ids = [i for i in maps if i in fractions]
+            if ids:
+                stack = np.stack([maps[i] for i in ids]).astype(np.float32)
+                frames.append(localisation(stack, np.stack([fractions[i] for i in ids])).assign(id=ids, method=method))
         return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(
             columns=["outside_share", "background_area", "outside_ratio", "pointing_hit", "id", "method"])
 

@@ -27,6 +27,17 @@ MAP_SIDE = 64
 DELETION_BATCH = 256  # images per forward call in deletion curves: fewer, larger calls into the runtime  # maps handed between probes and kept for galleries are at most this many pixels a side
 
 
+def sample_rows(batch, taps, classes: Sequence[str]) -> pd.DataFrame:  # type: ignore[no-untyped-def]
+    """What the explanation probes record in the shared pass: the class a sample is grouped under
+    (true class, else prediction), that reference, the prediction, whether it has a mask, its domain."""
+    labels = batch.labels
+    pred = taps.probabilities.argmax(axis=1).astype(np.int64)
+    reference = np.where(labels >= 0, labels, pred)
+    return pd.DataFrame({"id": batch.ids, "class": np.asarray(classes, dtype=object)[reference], "reference": reference,
+                         "pred": pred, "has_mask": [s.mask is not None for s in batch.samples],
+                         "domain": [s.domain for s in batch.samples]})
+
+
 def probabilities_function(context: RunContext, chunk: int = 256) -> Callable[[torch.Tensor], torch.Tensor]:
     """Normalised NCHW tensor -> class probabilities (N, K), through the adapter's own forward pass."""
     interpretation = context.interpretation

@@ -19,7 +19,7 @@ from audit.attribution.evaluation import deletion_curve
 from audit.attribution.methods import METHODS, AttributionParams, attribute, baseline_for, occlusion_geometry
 from audit.metrics.names import scope
 from audit.probes.base import Evidence, Probe, ProbeParams, Taps
-from audit.probes.model_functions import DELETION_BATCH, detail_batches, load_masks, normalisation, probabilities_function, shrink, torch_threads
+from audit.probes.model_functions import DELETION_BATCH, detail_batches, sample_rows, load_masks, normalisation, probabilities_function, shrink, torch_threads
 from audit.probes.registry import register
 from audit.probes.sampling import detail_sample
 
@@ -67,13 +67,8 @@ class Occlusion(Probe):
              "occlusion.deletion_auc": "number", "occlusion.random_deletion_auc": "number"}
 
     def map(self, batch, taps: Taps) -> pd.DataFrame:  # type: ignore[no-untyped-def]
-        labels = batch.labels
-        pred = taps.probabilities.argmax(axis=1)
-        target = np.where(labels >= 0, labels, pred)  # the true class where known
-        names = np.asarray(self.context.classes, dtype=object)
-        return pd.DataFrame({"id": batch.ids, "class": names[target], "target": target.astype(np.int64),
-                             "has_mask": [s.mask is not None for s in batch.samples],
-                             "domain": [s.domain for s in batch.samples]})
+        rows = sample_rows(batch, taps, self.context.classes)
+        return rows.assign(target=rows["reference"])  # the true class's probability, where it is known
 
     def reduce(self, rows: pd.DataFrame) -> Evidence:
         if self.context.model.format == "onnx":  # perturbations are cheap torch work; onnxruntime gets the cores
