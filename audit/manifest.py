@@ -287,9 +287,3 @@ def stratified_subset(samples: Sequence[Sample], limit: int, seed: int) -> list[
         chosen.extend(rng.choice(members, size=min(quota[k], len(members)), replace=False).tolist())
     return [samples[i] for i in sorted(chosen)]
 
-
-def relative_to_cwd(path: Path) -> str:
-    try:
-        return os.path.relpath(path)
-    except ValueError:
-        return str(path)

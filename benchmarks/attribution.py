@@ -109,7 +109,7 @@ def main() -> None:
             config = build_config({}, {"model": str(onnx_path), "manifest": str(data.audit_manifest), "classes": list(data.classes),
                                        "mean": list(MEAN), "std": list(STD), "profile": "standard", "out": root / "run",
                                        "quiet": True, "sample_images": False, "probes": ["attribution", "occlusion"]})
-            outcome = api.run_audit(config)
+            api.run_audit(config)
         finally:
             models.load_model = original
             for cls, reduce in originals.items():

@@ -45,30 +45,15 @@ def left_half_numpy(x: torch.Tensor) -> torch.Tensor:
 
 
 class Cnn(nn.Module):
-    """Small CNN with nn.ReLU modules and no nonlinearity feeding another (captum 0.9.0's DeepLift is exact here)."""
+    """Small CNN with nn.ReLU modules. With average pooling no nonlinearity feeds another (captum 0.9.0's
+    DeepLift is exact); with max pooling a ReLU feeds a MaxPool, where captum 0.9.0's DeepLift loses
+    summation-to-delta."""
 
-    def __init__(self) -> None:
+    def __init__(self, pool: type[nn.Module] = nn.AvgPool2d) -> None:
         super().__init__()
         self.conv1 = nn.Conv2d(3, 6, 3, padding=1)
         self.relu1 = nn.ReLU()
-        self.pool = nn.AvgPool2d(2)
-        self.conv2 = nn.Conv2d(6, 8, 3, padding=1)
-        self.relu2 = nn.ReLU()
-        self.gap = nn.AdaptiveAvgPool2d(1)
-        self.fc = nn.Linear(8, 3)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(self.gap(self.relu2(self.conv2(self.pool(self.relu1(self.conv1(x)))))).flatten(1))
-
-
-class MaxPoolCnn(nn.Module):
-    """ReLU feeding MaxPool: the layout where captum 0.9.0's DeepLift loses summation-to-delta."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(3, 6, 3, padding=1)
-        self.relu1 = nn.ReLU()
-        self.pool = nn.MaxPool2d(2)
+        self.pool = pool(2)
         self.conv2 = nn.Conv2d(6, 8, 3, padding=1)
         self.relu2 = nn.ReLU()
         self.gap = nn.AdaptiveAvgPool2d(1)
@@ -241,7 +226,7 @@ def test_deeplift_refuses_a_reused_module_and_cleans_up() -> None:
 
 def test_deeplift_summation_to_delta_with_relu_feeding_maxpool() -> None:
     torch.manual_seed(2)
-    model = frozen(MaxPoolCnn())
+    model = frozen(Cnn(pool=nn.MaxPool2d))
     x = torch.randn(3, 3, 12, 12)
     target = torch.tensor([0, 1, 2])
     for kind in ("zeros", "blur"):

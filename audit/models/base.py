@@ -28,14 +28,6 @@ class Capability(str, Enum):
     RELU_MODULES = "relu_modules"  # every ReLU is an nn.ReLU module (guided backprop, deconvolution)
 
 
-CAPABILITY_TEXT = {
-    Capability.GRADIENTS: "Gradients to the input",
-    Capability.HOOKS: "Module hooks",
-    Capability.NAMED_LAYERS: "Named layers",
-    Capability.RELU_MODULES: "ReLU as nn.ReLU modules",
-}
-
-
 @dataclass(frozen=True)
 class ModelFile:
     path: str

@@ -87,7 +87,7 @@ def infer_input_spec(dims: list[int | str | None], name: str, layout: str | None
     return spec
 
 
-def to_model_layout(x: np.ndarray, layout: str | None, rank_shape: list[int | str | None]) -> np.ndarray:
+def to_model_layout(x: np.ndarray, layout: str | None) -> np.ndarray:
     """NCHW float32 to whatever the graph's input wants."""
     if layout == "nhwc":
         return np.ascontiguousarray(x.transpose(0, 2, 3, 1))
@@ -132,7 +132,6 @@ class OnnxAdapter(ModelAdapter):
         self,
         session: ort.InferenceSession,
         input_spec: InputSpec,
-        input_dims: list[int | str | None],
         output_index: int,
         files: list[ModelFile],
         capabilities: dict[Capability, str | None],
@@ -144,7 +143,6 @@ class OnnxAdapter(ModelAdapter):
     ) -> None:
         super().__init__(format="onnx", files=files, capabilities=capabilities, input_spec=input_spec, device=device, notes=notes)
         self.session = session
-        self.input_dims = input_dims
         self.output_index = output_index
         self.output_names = output_names
         self.output_name = output_names[output_index]
@@ -164,7 +162,7 @@ class OnnxAdapter(ModelAdapter):
         unknown = set(taps) - self.supported_taps()
         if unknown:
             raise ModelLoadError(f"ONNX models do not provide taps {sorted(unknown)}")
-        feed = to_model_layout(x.astype(np.float32, copy=False), self.input_spec.layout, self.input_dims)
+        feed = to_model_layout(x.astype(np.float32, copy=False), self.input_spec.layout)
         size = self.input_spec.fixed_batch
         if size is None:
             return {"output": self.session.run([self.output_name], {self.input_spec.name: feed})[0]}
@@ -251,7 +249,7 @@ def build_onnx_adapter(
 
     files = [ModelFile.of(path)] + [ModelFile.of(f) for f in _external_files(model, path.parent)]
     capabilities, module = _convert(model, session, spec, dims, output_index, device, notes)
-    return OnnxAdapter(session, spec, dims, output_index, files, capabilities, device, notes, output_names, opset, module)
+    return OnnxAdapter(session, spec, output_index, files, capabilities, device, notes, output_names, opset, module)
 
 
 def example_input(spec: InputSpec, batch: int, seed: int = 0) -> np.ndarray:
@@ -277,13 +275,13 @@ def _try_free_batch(
         x = example_input(spec, fixed + 1) if spec.size else None
         if x is None:
             raise ValueError("input size unknown")
-        batched = freed.run([output], {spec.name: to_model_layout(x, spec.layout, dims)})[0]
+        batched = freed.run([output], {spec.name: to_model_layout(x, spec.layout)})[0]
         singles = []
         for start in range(0, x.shape[0], fixed):
             chunk = x[start : start + fixed]
             if chunk.shape[0] < fixed:
                 chunk = np.concatenate([chunk, np.repeat(chunk[-1:], fixed - chunk.shape[0], axis=0)])
-            singles.append(session.run([output], {spec.name: to_model_layout(chunk, spec.layout, dims)})[0])
+            singles.append(session.run([output], {spec.name: to_model_layout(chunk, spec.layout)})[0])
         reference = np.concatenate(singles)[: x.shape[0]]
         if batched.shape == reference.shape and np.allclose(batched, reference, rtol=1e-4, atol=1e-5):
             notes.append(f"the file fixes the batch size to {fixed}; rewritten to a free batch dimension (checked against {fixed}-sample runs)")
@@ -396,7 +394,7 @@ def _convert(
     try:
         with torch.no_grad():
             torch_out = module(torch.from_numpy(x).to(device)).float().cpu().numpy()
-        feed = to_model_layout(x, spec.layout, dims)
+        feed = to_model_layout(x, spec.layout)
         size = spec.fixed_batch or x.shape[0]
         ort_out = session.run([model.graph.output[output_index].name], {spec.name: feed[:size]})[0]
     except Exception as exc:  # noqa: BLE001

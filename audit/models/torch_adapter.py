@@ -260,9 +260,6 @@ class TorchAdapter(ModelAdapter):
     def torch_module(self) -> nn.Module | None:
         return self.module if self.capabilities.get(Capability.GRADIENTS) is None else None
 
-    def supported_taps(self) -> frozenset[str]:
-        return frozenset({"output"})
-
     def forward(self, x: np.ndarray, taps: frozenset[str] = frozenset()) -> dict[str, np.ndarray]:
         layers = [t[len(LAYER_TAP) :] for t in taps if t.startswith(LAYER_TAP)]
         if layers and self.capabilities.get(Capability.HOOKS) is not None:

@@ -234,7 +234,7 @@ def _finding_view(f: dict[str, Any], units: dict[str, str], thumbs: Thumbnails, 
     }
 
 
-def _headline(reader: MetricReader, details: dict[str, Any]) -> list[dict[str, str]]:
+def _headline(reader: MetricReader) -> list[dict[str, str]]:
     rows = []
     if reader.get("predictions.accuracy") is not None:
         rows.append({"label": "Accuracy, all labelled samples", "value": reader.text("predictions.accuracy"),
@@ -319,7 +319,7 @@ def build_view(run_dir: Path, results: dict[str, Any], results_sha256: str) -> d
         "waived": by_status["waived"],
         "passed": by_status["pass"],
         "skipped_findings": by_status["skipped"],
-        "headline": _headline(reader, results["probes"].get("predictions", {}).get("details", {})),
+        "headline": _headline(reader),
         "sections": sections,
         "capabilities": capabilities,
         "references": references,
