@@ -78,6 +78,7 @@ def _first_readable(manifest: Manifest) -> np.ndarray:
 def run_audit(config: AuditConfig) -> RunOutcome:
     """Run the whole audit and write results.json, the per-sample tables and the reports."""
     from audit.data import Preprocessing, load_sample
+    from audit.execution.allocator import retain_freed_memory
     from audit.execution.local import LocalExecutor, ProbeOutcome
     from audit.models import InputSpec, is_onnx, load_model, resolve_device
     from audit.probes.base import RunContext
@@ -86,6 +87,7 @@ def run_audit(config: AuditConfig) -> RunOutcome:
     from audit.rules.catalogue import load_catalogue
     from audit.rules.engine import ProbeState, RuleEngine
 
+    retain_freed_memory()
     started = dt.datetime.now(dt.timezone.utc)
     clock = time.perf_counter()
     progress = _progress_factory(config.quiet)
@@ -136,7 +138,8 @@ def run_audit(config: AuditConfig) -> RunOutcome:
 
     context = RunContext(manifest=manifest, model=model, classes=classes, prep=prep, store=store, seed=config.seed,
                          profile=config.profile, sample_images=config.sample_images,
-                         reference_domain=config.reference_domain, load_inputs=load_inputs, progress=progress)
+                         reference_domain=config.reference_domain, load_inputs=load_inputs, progress=progress,
+                         batch_size=config.batch_size)
 
     def on_interpretation(interpretation: Any) -> None:
         k = interpretation.num_classes

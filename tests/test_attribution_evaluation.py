@@ -12,6 +12,7 @@ from scipy.stats import spearmanr
 from torch import nn
 
 from audit.attribution import AttributionParams, attribute, deletion_curve, randomisation_test, spearman_rows
+from audit.attribution.evaluation import descending_order
 
 
 class Cnn(nn.Module):
@@ -143,3 +144,17 @@ def test_deletion_auc_by_hand_two_steps_on_numpy_forward() -> None:
     assert calls == [2, 1]  # 3 images in batches of 2
     filled = deletion_curve(probs, x, torch.tensor([0]), maps, steps=2, fill=torch.full_like(x, 1.0))
     np.testing.assert_allclose(filled.curves[0], [p0, 0.5, 0.5], rtol=1e-6)
+
+
+def test_descending_order_equals_stable_argsort_with_ties_signed_zeros_nan_and_inf() -> None:
+    rng = np.random.default_rng(0)
+    maps = rng.standard_normal((6, 400)).astype(np.float32)
+    maps[:, ::5] = 0.0
+    maps[:, 1::7] = -0.0
+    maps[:, 2::11] = np.nan
+    maps[:, 3::13] = np.inf
+    maps[:, 4::17] = -np.inf
+    maps[:, 6::3] = maps[:, 6::3].round(1)  # many ties among ordinary values
+    expected = torch.argsort(-torch.nan_to_num(torch.from_numpy(maps), nan=-torch.inf), dim=1, stable=True).numpy()
+    np.testing.assert_array_equal(descending_order(maps), expected)
+    np.testing.assert_array_equal(descending_order(np.array([[1.0, 3.0, 3.0, -2.0, 0.0]], dtype=np.float32)), [[1, 2, 0, 4, 3]])

@@ -189,8 +189,8 @@ def test_hooks_released(name: str, cnn_case: tuple[nn.Module, torch.Tensor, torc
 
 def test_chunking_does_not_change_results(cnn_case: tuple[nn.Module, torch.Tensor, torch.Tensor]) -> None:
     model, x, target = cnn_case
-    for name in ("integrated_gradients", "gradcam", "occlusion", "kernel_shap"):
-        common = {"ig_steps": 4, "kernel_shap_samples": 30, "occlusion_window": 4, "occlusion_stride": 2}
+    for name in ("integrated_gradients", "gradient_shap", "gradcam", "occlusion", "kernel_shap"):
+        common = {"ig_steps": 4, "kernel_shap_samples": 30, "occlusion_window": 4, "occlusion_stride": 2, "shap_samples": 5}
         whole = attribute(name, model, x, target, AttributionParams(batch_size=8, **common), NORM, module=model)
         parts = attribute(
             name, model, x, target,

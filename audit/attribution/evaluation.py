@@ -181,6 +181,20 @@ def randomisation_test(
     )
 
 
+def descending_order(scores: np.ndarray) -> np.ndarray:
+    """Per row, the column indices from the largest value to the smallest, ties in column order, NaN
+    last: `argsort(-scores, stable)`, exactly, by two 16-bit radix passes over an order-preserving
+    integer key: half the time of a comparison sort on 48 x 48 maps, where sorting was a tenth of
+    the deletion curves' cost."""
+    values = np.nan_to_num(np.asarray(scores, dtype=np.float32), nan=-np.inf) + np.float32(0.0)  # -0.0 ties with 0.0
+    bits = values.view(np.uint32)
+    ascending = np.where(bits >> 31 == 1, ~bits, bits | np.uint32(0x80000000))  # integer order = float order
+    key = ~ascending  # largest value first
+    low = np.argsort((key & 0xFFFF).astype(np.uint16), axis=1, kind="stable")
+    high = np.argsort(np.take_along_axis(key >> 16, low, axis=1).astype(np.uint16), axis=1, kind="stable")
+    return np.take_along_axis(low, high, axis=1)
+
+
 def deletion_curve(
     forward_probs: Callable[[Tensor], Tensor],
     x: Tensor,
@@ -214,9 +228,9 @@ def deletion_curve(
     if scores.shape[1] != pixels:
         raise ValueError(f"maps have {scores.shape[1]} pixels, inputs {pixels}")
     if order == "attribution":
-        ranking = torch.argsort(-torch.nan_to_num(scores, nan=-torch.inf), dim=1, stable=True)
+        ranking = torch.from_numpy(descending_order(scores.numpy()))
     elif order == "random":
-        ranking = torch.argsort(torch.from_numpy(np.random.default_rng(seed).random((n, pixels))), dim=1)
+        ranking = torch.from_numpy(np.random.default_rng(seed).permuted(np.tile(np.arange(pixels), (n, 1)), axis=1))
     else:
         raise ValueError(f"unknown order {order!r} (attribution, random)")
     ranking = ranking.to(x.device)
@@ -224,7 +238,8 @@ def deletion_curve(
     removed = np.round(fractions * pixels).astype(np.int64)
     fill_t = torch.zeros_like(x) if fill is None else fill.detach().to(x).expand_as(x)
     channels = x.shape[1]
-    fill_flat = fill_t.reshape(n, channels, pixels)
+    order_index = ranking.unsqueeze(1).expand(n, channels, pixels)
+    fill_ranked = fill_t.reshape(n, channels, pixels).gather(2, order_index)  # fill values in removal order
     curves = np.empty((n, steps + 1), dtype=np.float64)
     per_call = max(1, min(steps + 1, batch_size // n))  # whole steps per forward call
     # Each buffer slot moves forward through the steps; only the pixels newly removed since its last
@@ -237,8 +252,7 @@ def deletion_curve(
             ks = range(k0, min(k0 + per_call, steps + 1))
             for j, k in enumerate(ks):
                 if removed[k] > done[j]:
-                    index = ranking[:, done[j] : removed[k]].unsqueeze(1).expand(n, channels, -1)
-                    buffer[j].scatter_(2, index, fill_flat.gather(2, index))
+                    buffer[j].scatter_(2, order_index[:, :, done[j] : removed[k]], fill_ranked[:, :, done[j] : removed[k]])
                     done[j] = int(removed[k])
             images = buffer[: len(ks)].reshape(len(ks) * n, *x.shape[1:])
             probs = torch.as_tensor(forward_probs(images)).reshape(len(ks), n, -1).to(x.device)

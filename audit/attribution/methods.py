@@ -26,6 +26,7 @@ from typing import Literal
 import numpy as np
 import torch
 from captum import attr as ca  # imported once with the module: the import costs seconds
+from captum.attr._utils.approximation_methods import approximation_parameters
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -401,8 +402,6 @@ def attribute(
             return _occlusion(forward, x, target, params, normalisation, pixel_mean)
         run = _runner(spec.name, forward, module, x, params, normalisation, pixel_mean)
         chunk = params.batch_size
-        if spec.name == "gradient_shap":
-            chunk = min(chunk, params.internal_batch_size // max(1, params.shap_samples))
         chunk = max(1, chunk)
         maps = []
         for start in range(0, x.shape[0], chunk):
@@ -464,24 +463,14 @@ def _runner(
         ixg = ca.InputXGradient(forward)
         return lambda xc, tc, _b: ixg.attribute(xc, target=tc)
     if name == "integrated_gradients":
-        ig = ca.IntegratedGradients(forward)
-        return lambda xc, tc, b: ig.attribute(
-            xc, baselines=b, target=tc, n_steps=params.ig_steps, internal_batch_size=max(budget, xc.shape[0])
-        )
+        step_sizes, alphas = (torch.tensor(f(params.ig_steps), dtype=x.dtype, device=x.device)
+                              for f in approximation_parameters("gausslegendre"))
+        return lambda xc, tc, b: _integrated_gradients(forward, xc, tc, b, step_sizes, alphas, budget)
     if name == "smoothgrad":
         # Raw gradients are averaged and the magnitude taken afterwards (Smilkov et al.): averaging
         # |gradients| would never let the noise cancel.
-        nt = ca.NoiseTunnel(ca.Saliency(forward))
         stdev = float(params.smoothgrad_stdev * input_range(normalisation))
-        return lambda xc, tc, _b: nt.attribute(
-            xc,
-            nt_type="smoothgrad",
-            nt_samples=params.smoothgrad_samples,
-            nt_samples_batch_size=max(1, min(params.smoothgrad_samples, budget // xc.shape[0])),
-            stdevs=stdev,
-            target=tc,
-            abs=False,
-        )
+        return lambda xc, tc, _b: _smoothgrad(forward, xc, tc, params.smoothgrad_samples, stdev, budget)
     if name == "gradcam":
         assert module is not None
         gc = ca.LayerGradCam(forward, _layer(module, params))
@@ -527,16 +516,11 @@ def _runner(
 
         return deeplift
     if name == "gradient_shap":
-        gs = ca.GradientShap(forward)
         # A fixed reference (black, mean) is a single baseline; with "blur" the blurred copies of the
         # whole batch form the baseline distribution (as SHAP's background set), whatever the chunking.
         reference = baseline_for(x, params.baseline, pixel_mean, normalisation)
         reference = reference if params.baseline == "blur" else reference[:1]
-
-        def gradient_shap(xc: Tensor, tc: Tensor, _b: Tensor | None) -> Tensor:
-            return gs.attribute(xc, baselines=reference, n_samples=params.shap_samples, stdevs=0.0, target=tc)
-
-        return gradient_shap
+        return lambda xc, tc, _b: _gradient_shap(forward, xc, tc, reference, params.shap_samples, budget)
     if name == "occlusion":
         occ = ca.Occlusion(forward)
         (wh, ww), (sh, sw) = occlusion_geometry(height, width, params)
@@ -555,6 +539,64 @@ def _runner(
             xc, baselines=b, target=tc, feature_mask=mask, perturbations_per_eval=per_eval(xc.shape[0])
         )
     raise ValueError(f"no runner for {name!r}")
+
+
+def _input_gradients(forward: Forward | nn.Module, inputs: Tensor, target: Tensor) -> Tensor:
+    """d score[target] / d input for every row: one forward and one backward pass, nothing kept."""
+    with torch.enable_grad():
+        inputs = inputs.detach().requires_grad_(True)
+        picked = forward(inputs).gather(1, target[:, None]).sum()
+        return torch.autograd.grad(picked, inputs)[0]
+
+
+def _integrated_gradients(forward: Forward | nn.Module, x: Tensor, target: Tensor, base: Tensor, step_sizes: Tensor,
+                          alphas: Tensor, budget: int) -> Tensor:
+    """Integrated Gradients as captum computes it (Gauss-Legendre alphas and weights, path points
+    `base + alpha * (x - base)`), with the (step, input) pairs cut into passes of `budget` images
+    whatever the batch, and without captum's per-call bookkeeping, which on a small model cost a
+    third as much as the passes themselves."""
+    n = x.shape[0]
+    diff = x - base
+    total = torch.zeros_like(x)
+    pairs = torch.arange(len(alphas) * n, device=x.device)
+    for start in range(0, len(pairs), budget):
+        step, row = pairs[start : start + budget] // n, pairs[start : start + budget] % n
+        points = base[row] + alphas[step, None, None, None] * diff[row]
+        total.index_add_(0, row, _input_gradients(forward, points, target[row]) * step_sizes[step, None, None, None])
+    return total * diff
+
+
+def _smoothgrad(forward: Forward | nn.Module, x: Tensor, target: Tensor, samples: int, stdev: float, budget: int) -> Tensor:
+    """SmoothGrad as captum's NoiseTunnel over Saliency(abs=False) computes it, with the same noise
+    draws in the same order (so the same maps for a seed), drawn with `normal_` instead of captum's
+    `torch.normal` over a materialised standard-deviation tensor, which is ten times slower and
+    cost as much as the model's passes."""
+    n = x.shape[0]
+    per_pass = max(1, min(samples, budget // n))
+    total = torch.zeros_like(x)
+    for k in [per_pass] * (samples // per_pass) + ([samples % per_pass] if samples % per_pass else []):
+        noisy = x.repeat_interleave(k, dim=0)
+        noisy += torch.empty_like(noisy).normal_(0.0, stdev)
+        total += _input_gradients(forward, noisy, target.repeat_interleave(k)).view(n, k, *x.shape[1:]).sum(dim=1)
+    return total / samples
+
+
+def _gradient_shap(forward: Forward | nn.Module, x: Tensor, target: Tensor, reference: Tensor, samples: int, budget: int) -> Tensor:
+    """GradientSHAP (expected gradients; Lundberg and Lee) as captum computes it with `stdevs=0`: per
+    input, `samples` baselines drawn from `reference` and points drawn uniformly on the segment to
+    each, numpy's draws in captum's order; the mean of (input - baseline) x gradient. The pairs go
+    through the model `budget` images at a time, whatever the batch."""
+    n = x.shape[0]
+    drawn = torch.as_tensor(np.random.choice(reference.shape[0], samples * n), device=x.device)
+    coefficient = torch.tensor(np.random.uniform(0.0, 1.0, samples * n), dtype=x.dtype, device=x.device)
+    rows = torch.arange(n, device=x.device).repeat_interleave(samples)
+    total = torch.zeros_like(x)
+    for start in range(0, samples * n, budget):
+        row, base = rows[start : start + budget], reference[drawn[start : start + budget]]
+        c = coefficient[start : start + budget].view(-1, 1, 1, 1)
+        points = c * x[row] + (1.0 - c) * base
+        total.index_add_(0, row, (x[row] - base) * _input_gradients(forward, points, target[row]))
+    return total / samples
 
 
 @functools.cache

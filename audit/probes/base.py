@@ -59,6 +59,7 @@ class RunContext:
     reference_domain: str | None
     load_inputs: Callable[[Sequence[Sample]], tuple[list[Sample], np.ndarray]]  # raw inputs of the given samples
     progress: Callable[..., Any]
+    batch_size: int = 64  # most images the model gets in one call, in every probe's own passes too
     interpretation: OutputInterpretation | None = None  # decided on the first batch by the executor
     handoff: dict[str, Any] = field(default_factory=dict)  # in-memory results one probe leaves for a later one
 

@@ -23,8 +23,8 @@ if TYPE_CHECKING:
     from audit.manifest import Sample
     from audit.probes.base import RunContext
 
-MAP_SIDE = 64
-DELETION_BATCH = 256  # images per forward call in deletion curves: fewer, larger calls into the runtime  # maps handed between probes and kept for galleries are at most this many pixels a side
+MAP_SIDE = 64  # maps handed between probes and kept for galleries are at most this many pixels a side
+DELETION_BATCH = 256  # images built per step of a deletion curve; the runtime still gets them in run-sized calls
 
 
 def sample_rows(batch, taps, classes: Sequence[str]) -> pd.DataFrame:  # type: ignore[no-untyped-def]
@@ -38,9 +38,14 @@ def sample_rows(batch, taps, classes: Sequence[str]) -> pd.DataFrame:  # type: i
                          "domain": [s.domain for s in batch.samples]})
 
 
-def probabilities_function(context: RunContext, chunk: int = 256) -> Callable[[torch.Tensor], torch.Tensor]:
-    """Normalised NCHW tensor -> class probabilities (N, K), through the adapter's own forward pass."""
+def probabilities_function(context: RunContext) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Normalised NCHW tensor -> class probabilities (N, K), through the adapter's own forward pass.
+
+    Any number of images may come in; the runtime gets them `--batch-size` at a time, where its cost
+    per image is lowest (larger calls fall out of the CPU caches: 256 images cost 30% more each than
+    64 on the demo model in onnxruntime)."""
     interpretation = context.interpretation
+    chunk = max(1, context.batch_size)
     assert interpretation is not None
 
     def forward(x: torch.Tensor) -> torch.Tensor:
