@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 BATCHES = (16, 32, 64, 128, 256)
-REPEATS = 3
+REPEATS = 5
 
 
 def best_cost(run, pool: torch.Tensor, repeats: int = 4, trials: int = 5) -> tuple[float, int]:  # type: ignore[no-untyped-def]
