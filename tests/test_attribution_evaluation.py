@@ -11,7 +11,13 @@ import torch
 from scipy.stats import spearmanr
 from torch import nn
 
-from audit.attribution import AttributionParams, attribute, deletion_curve, randomisation_test, spearman_rows
+from audit.attribution import (
+    AttributionParams,
+    attribute,
+    deletion_curve,
+    randomisation_test,
+    spearman_rows,
+)
 from audit.attribution.evaluation import descending_order
 
 

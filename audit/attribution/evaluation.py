@@ -21,7 +21,13 @@ import torch
 from scipy.stats import rankdata
 from torch import Tensor, nn
 
-from audit.attribution.methods import METHODS, AttributionParams, Normalisation, attribute, seeded
+from audit.attribution.methods import (
+    METHODS,
+    AttributionParams,
+    Normalisation,
+    attribute,
+    seeded,
+)
 
 MapFunction = Callable[[Callable[[Tensor], Tensor], Tensor, Tensor, nn.Module], np.ndarray]
 

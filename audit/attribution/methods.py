@@ -1,11 +1,15 @@
 """One registry of attribution methods, each explaining a target class for a batch, as 2-D maps.
 
-Every method runs through captum except KernelSHAP, which captum fits one example at a time; here
-the coalitions are drawn once (with captum's own sampler) and shared by the whole batch, so the
-model sees batched perturbations and one least-squares solve serves every sample. Inputs are
-processed in chunks so a large sample never holds one giant graph (GPU memory was the most common
-complaint about attribution tools); a forward pass holds about `internal_batch_size` images for
-methods that evaluate each input several times.
+Hook-based methods (Grad-CAM, guided backpropagation, deconvolution, guided Grad-CAM, DeepLift),
+saliency, gradient x input and feature ablation run through captum. The methods that evaluate each
+input many times are computed here with captum's exact semantics, tested equal to direct captum
+calls: Integrated Gradients, SmoothGrad and GradientSHAP (same alphas and weights, same random
+draws in the same order, but the (sample, input) pairs cut into passes of `internal_batch_size`
+images whatever the batch, without captum's per-call bookkeeping and its slow noise draw),
+occlusion (vectorised windows over a reused buffer) and KernelSHAP (captum fits one example at a
+time; here the coalitions are drawn once with captum's own sampler and shared by the whole batch,
+and one least-squares solve serves every sample). Inputs are processed in chunks so a large sample
+never holds one giant graph (GPU memory was the most common complaint about attribution tools).
 
 Methods that rewrite ReLU backward passes (guided backprop, deconvolution, guided Grad-CAM) or
 hook every nonlinearity (DeepLift) only mean something when every ReLU is an `nn.ReLU` module:
@@ -25,9 +29,9 @@ from typing import Literal
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from captum import attr as ca  # imported once with the module: the import costs seconds
 from captum.attr._utils.approximation_methods import approximation_parameters
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from audit.errors import AuditError

@@ -21,12 +21,28 @@ import torch
 from pydantic import Field, field_validator
 
 from audit.attribution.evaluation import deletion_curve, randomisation_test
-from audit.attribution.methods import METHODS, AttributionParams, AttributionUnsupported, attribute, baseline_for, unsupported_reason
+from audit.attribution.methods import (
+    METHODS,
+    AttributionParams,
+    AttributionUnsupported,
+    attribute,
+    baseline_for,
+    unsupported_reason,
+)
 from audit.errors import first_line
 from audit.metrics.names import scope
 from audit.models.base import Capability
 from audit.probes.base import Evidence, Probe, ProbeParams, Taps
-from audit.probes.model_functions import DELETION_BATCH, detail_batches, sample_rows, normalisation, probabilities_function, scores_function, shrink, torch_threads
+from audit.probes.model_functions import (
+    DELETION_BATCH,
+    detail_batches,
+    normalisation,
+    probabilities_function,
+    sample_rows,
+    scores_function,
+    shrink,
+    torch_threads,
+)
 from audit.probes.registry import register
 from audit.probes.sampling import detail_sample
 

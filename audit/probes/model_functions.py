@@ -7,7 +7,6 @@ so perturbation methods, deletion curves and counterfactuals measure the model t
 from __future__ import annotations
 
 import contextlib
-
 from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING
 
