@@ -133,19 +133,24 @@ class Attribution(Probe):
 
     def _deletion(self, probs_fn, x: torch.Tensor, target: torch.Tensor, results: dict[str, np.ndarray],  # type: ignore[no-untyped-def]
                   norm: Any) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-        """Deletion areas of a batch: the random-order control, and every method's maps in one stacked
-        call, so the runtime gets large calls and torch and onnxruntime alternate once per batch."""
+        """Deletion areas of a batch: the random-order control, and the methods' maps stacked about
+        DELETION_BATCH images per call (bounded memory on large inputs), so the runtime gets large
+        calls and torch and onnxruntime alternate about once per batch, not once per method."""
         p, seed = self.params, self.context.seed
         fill = baseline_for(x, p.baseline, normalisation=norm)
         n = len(x)
+        names = list(results)
+        per_call = max(1, DELETION_BATCH // n)
+        ranked: dict[str, np.ndarray] = {}
         with self._runtime_threads():
             control = deletion_curve(probs_fn, x, target, np.zeros((n, *x.shape[2:])), p.deletion_steps, fill, "random", seed, DELETION_BATCH)
-            if not results:
-                return control.auc, {}
-            k = len(results)
-            stacked = deletion_curve(probs_fn, x.repeat(k, 1, 1, 1), target.repeat(k), np.concatenate(list(results.values())),
-                                     p.deletion_steps, fill.repeat(k, 1, 1, 1), "attribution", seed, DELETION_BATCH)
-        return control.auc, {m: stacked.auc[i * n : (i + 1) * n] for i, m in enumerate(results)}
+            for start in range(0, len(names), per_call):
+                part = names[start : start + per_call]
+                k = len(part)
+                stacked = deletion_curve(probs_fn, x.repeat(k, 1, 1, 1), target.repeat(k), np.concatenate([results[m] for m in part]),
+                                         p.deletion_steps, fill.repeat(k, 1, 1, 1), "attribution", seed, DELETION_BATCH)
+                ranked.update({m: stacked.auc[i * n : (i + 1) * n] for i, m in enumerate(part)})
+        return control.auc, ranked
 
     def _settings(self) -> AttributionParams:
         p = self.params
