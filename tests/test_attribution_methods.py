@@ -237,6 +237,79 @@ def test_deeplift_summation_to_delta_with_relu_feeding_maxpool() -> None:
         np.testing.assert_allclose(maps.reshape(3, -1).sum(1), delta, rtol=1e-4, atol=1e-6)
 
 
+class CaptumDeepLiftFixed(ca.DeepLift):
+    """captum's DeepLift with captum issue #1104 fixed (as upstream did after 0.9.0): each module's
+    output gradient is read by a full backward pre-hook, after downstream hooks have rewritten it."""
+
+    def _register_hooks(self, module: nn.Module, attribute_to_layer_input: bool = True) -> None:
+        if not self._can_register_hook(module):
+            return
+        grad_out: dict[torch.device, torch.Tensor] = {}
+
+        def capture(_m: nn.Module, grad_output: tuple[torch.Tensor, ...]) -> None:
+            grad_out[grad_output[0].device] = grad_output[0]
+
+        def pre_hook(_m: nn.Module, inp: tuple[torch.Tensor, ...]) -> torch.Tensor:
+            def rewrite(input_grad: torch.Tensor) -> torch.Tensor:
+                return self._backward_hook(module, input_grad, grad_out[input_grad.device])
+
+            inp[0].register_hook(rewrite)
+            return inp[0].clone()
+
+        self.forward_handles += [module.register_forward_hook(self._forward_hook), module.register_forward_pre_hook(self._forward_pre_hook),
+                                 module.register_forward_pre_hook(pre_hook)]
+        self.backward_handles.append(module.register_full_backward_pre_hook(capture))
+
+
+class EveryRule(nn.Module):
+    """Every DeepLift rule: ReLU, Tanh into an overlapping max pool, ELU (in place or not), and a softmax output."""
+
+    def __init__(self, inplace: bool = False) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 5, 3, padding=1)
+        self.relu = nn.ReLU()
+        self.conv2 = nn.Conv2d(5, 6, 3, padding=1)
+        self.tanh = nn.Tanh()
+        self.pool = nn.MaxPool2d(3, stride=2, padding=1)
+        self.conv3 = nn.Conv2d(6, 4, 3, padding=1)
+        self.elu = nn.ELU(inplace=inplace)
+        self.fc = nn.Linear(4, 3)
+        self.softmax = nn.Softmax(dim=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.pool(self.tanh(self.conv2(self.relu(self.conv1(x)))))
+        return self.softmax(self.fc(self.elu(self.conv3(h)).mean(dim=(2, 3))))
+
+
+@pytest.mark.parametrize("kind", ["zeros", "blur"])
+@pytest.mark.parametrize("make", [lambda: Cnn(pool=nn.MaxPool2d), EveryRule], ids=["relu-into-maxpool", "every-rule"])
+def test_deeplift_matches_captum_with_its_hook_order_fixed(make, kind: str) -> None:  # type: ignore[no-untyped-def]
+    """Our DeepLift is an autograd rule per nonlinearity, not captum's hooks; with non-zero baselines
+    and a nonlinearity feeding another it must equal captum's own rules applied in the right order."""
+    torch.manual_seed(4)
+    model = frozen(make())
+    x = torch.randn(3, 3, 12, 12)
+    x[0, :, :7] = baseline_for(x, "zeros", None, NORM)[0, :, :7]  # equal to the reference there: the ratio is undefined
+    target = torch.tensor([0, 2, 1])
+    params = AttributionParams(baseline=kind)
+    ours = attribute("deeplift", model, x, target, params, NORM, module=model)
+    base = baseline_for(x, kind, None, NORM)
+    expected = CaptumDeepLiftFixed(model).attribute(x.clone().requires_grad_(True), baselines=base, target=target)
+    expected = expected.sum(1).detach().numpy()
+    np.testing.assert_allclose(ours, expected, rtol=0, atol=1e-5 * float(np.abs(expected).max()))
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
+
+
+def test_deeplift_reads_the_input_of_an_in_place_module_before_it_is_overwritten() -> None:
+    torch.manual_seed(5)
+    model = frozen(EveryRule())
+    in_place = frozen(EveryRule(inplace=True))
+    in_place.load_state_dict(model.state_dict())
+    x, target = torch.randn(2, 3, 10, 10), torch.tensor([1, 0])
+    maps = [attribute("deeplift", m, x, target, AttributionParams(baseline="blur"), NORM, module=m) for m in (model, in_place)]
+    np.testing.assert_array_equal(maps[0], maps[1])
+
+
 def test_left_half_saliency_and_gradient_x_input(left_case: tuple[nn.Module, torch.Tensor]) -> None:
     model, x = left_case
     zero, one = torch.zeros(3, dtype=torch.long), torch.ones(3, dtype=torch.long)

@@ -1,14 +1,15 @@
 """One registry of attribution methods, each explaining a target class for a batch, as 2-D maps.
 
-Hook-based methods (Grad-CAM, guided backpropagation, deconvolution, guided Grad-CAM, DeepLift),
-saliency, gradient x input and feature ablation run through captum. The methods that evaluate each
-input many times are computed here with captum's exact semantics, tested equal to direct captum
-calls: Integrated Gradients, SmoothGrad and GradientSHAP (same alphas and weights, same random
-draws in the same order, but the (sample, input) pairs cut into passes of `internal_batch_size`
-images whatever the batch, without captum's per-call bookkeeping and its slow noise draw),
-occlusion (vectorised windows over a reused buffer) and KernelSHAP (captum fits one example at a
-time; here the coalitions are drawn once with captum's own sampler and shared by the whole batch,
-and one least-squares solve serves every sample). Inputs are processed in chunks so a large sample
+Hook-based methods (Grad-CAM, guided backpropagation, deconvolution, guided Grad-CAM), saliency,
+gradient x input and feature ablation run through captum. The methods that evaluate each input
+many times, or whose captum bookkeeping cost more than the model, are computed here with captum's
+exact semantics, tested equal to direct captum calls: Integrated Gradients, SmoothGrad and
+GradientSHAP (same alphas and weights, same random draws in the same order, but the (sample,
+input) pairs cut into passes of `internal_batch_size` images whatever the batch, without captum's
+per-call bookkeeping and its slow noise draw), DeepLift (captum's rules as autograd nodes, one
+forward and one backward pass), occlusion (vectorised windows over a reused buffer) and KernelSHAP
+(captum fits one example at a time; here the coalitions are drawn once with captum's own sampler
+and shared by the whole batch, and one least-squares solve serves every sample). Inputs are processed in chunks so a large sample
 never holds one giant graph (GPU memory was the most common complaint about attribution tools).
 
 Methods that rewrite ReLU backward passes (guided backprop, deconvolution, guided Grad-CAM) or
@@ -20,7 +21,6 @@ are never reported as if they had run on a model where they silently fall back t
 from __future__ import annotations
 
 import contextlib
-import functools
 import math
 import warnings
 from collections.abc import Callable, Iterator, Sequence
@@ -506,19 +506,7 @@ def _runner(
         return guided_gradcam
     if name == "deeplift":
         assert module is not None
-        dl = _deeplift()(_hookable(forward, module))
-
-        def deeplift(xc: Tensor, tc: Tensor, b: Tensor | None) -> Tensor:
-            try:
-                return dl.attribute(xc, baselines=b, target=tc)
-            except RuntimeError as exc:
-                if "used more than once" in str(exc):
-                    raise AttributionUnsupported(
-                        "a nonlinearity module is called more than once per forward pass; DeepLift needs one module per use"
-                    ) from None
-                raise
-
-        return deeplift
+        return lambda xc, tc, b: _deeplift(forward, module, xc, tc, b)  # type: ignore[arg-type]
     if name == "gradient_shap":
         # A fixed reference (black, mean) is a single baseline; with "blur" the blurred copies of the
         # whole batch form the baseline distribution (as SHAP's background set), whatever the chunking.
@@ -603,55 +591,115 @@ def _gradient_shap(forward: Forward | nn.Module, x: Tensor, target: Tensor, refe
     return total / samples
 
 
-@functools.cache
-def _deeplift() -> type:
-    """captum's DeepLift with the output gradient read after downstream hooks have rewritten it.
-
-    captum 0.9.0 records a nonlinearity's output gradient with a tensor hook that runs *before* the
-    next module's DeepLift hook rewrites that gradient, so a ReLU feeding a MaxPool (most CNNs)
-    uses the plain gradient and summation-to-delta fails with any non-zero baseline (captum issue
-    #1104, fixed upstream after 0.9.0). A full backward pre-hook sees the rewritten gradient.
-    In-place modules keep captum's own registration (full backward hooks refuse them).
-    """
-    DeepLift = ca.DeepLift
-
-    class _FixedDeepLift(DeepLift):
-        def _register_hooks(self, module: nn.Module, attribute_to_layer_input: bool = True) -> None:
-            if getattr(module, "inplace", False):
-                super()._register_hooks(module, attribute_to_layer_input)
-                return
-            if not self._can_register_hook(module) or (
-                not attribute_to_layer_input and module is getattr(self, "layer", None)
-            ):
-                return
-            self.forward_handles.append(module.register_forward_hook(self._forward_hook))
-            self.forward_handles.append(module.register_forward_pre_hook(self._forward_pre_hook))
-            self.backward_handles.extend(_backward_hook_after_downstream(module, self._backward_hook))
-
-    return _FixedDeepLift
+_REUSED = "a nonlinearity module is called more than once per forward pass; DeepLift needs one module per use"
 
 
-def _backward_hook_after_downstream(
-    module: nn.Module, hook: Callable[[nn.Module, Tensor, Tensor], Tensor | tuple[Tensor, ...] | None]
-) -> list[torch.utils.hooks.RemovableHandle]:
-    """Call `hook(module, grad_input, grad_output)` and let it replace grad_input, like captum's helper,
-    but with grad_output taken from a full backward pre-hook (after downstream rewrites)."""
-    grad_out: dict[torch.device, Tensor] = {}
+def _pool_functions(module: nn.Module) -> tuple[Callable[..., tuple[Tensor, Tensor]], Callable[..., Tensor]]:
+    dims = {nn.MaxPool1d: 1, nn.MaxPool2d: 2, nn.MaxPool3d: 3}[type(module)]
+    return getattr(F, f"max_pool{dims}d"), getattr(F, f"max_unpool{dims}d")
 
-    def capture(_m: nn.Module, grad_output: tuple[Tensor, ...]) -> None:
-        grad_out[grad_output[0].device] = grad_output[0]
 
-    def pre_hook(_m: nn.Module, inp: tuple[Tensor, ...]) -> Tensor:
-        def rewrite(input_grad: Tensor) -> Tensor | None:
-            if input_grad.device not in grad_out:
-                return None
-            out = hook(module, input_grad, grad_out[input_grad.device])
-            return out[0] if isinstance(out, tuple) else out
+_DEEPLIFT_RULES = {
+    **dict.fromkeys((nn.ReLU, nn.ELU, nn.LeakyReLU, nn.Sigmoid, nn.Tanh, nn.Softplus), "rescale"),
+    **dict.fromkeys((nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d), "maxpool"),
+    nn.Softmax: "softmax",
+}
 
-        inp[0].register_hook(rewrite)
-        return inp[0].clone()
 
-    return [module.register_forward_pre_hook(pre_hook), module.register_full_backward_pre_hook(capture)]
+def _local_gradient(module: nn.Module, node: object, inputs: Tensor, grad_output: Tensor) -> Tensor:
+    """The module's own input gradient: a ReLU's mask, a max pool's own backward node (it keeps the
+    input and indices, not the output), else the module run again with autograd."""
+    if type(module) is nn.ReLU:
+        return torch.where(inputs > 0, grad_output, torch.zeros((), dtype=grad_output.dtype, device=grad_output.device))
+    if type(node).__name__.startswith(("MaxPool2DWithIndices", "MaxPool3DWithIndices")):
+        return node(grad_output)  # type: ignore[operator]
+    with torch.enable_grad():
+        leaf = inputs.detach().requires_grad_(True)
+        return torch.autograd.grad(module.forward(leaf.clone()), leaf, grad_output)[0]
+
+
+class _DeepLiftRule(torch.autograd.Function):
+    """Forward: the module's own output, unchanged. Backward: captum's DeepLift multiplier for the
+    module (rescale, max-pool or softmax rule) instead of its local gradient, from deltas between
+    the input half and the reference half of the batch. As an autograd node it receives the output
+    gradient after every downstream rule has rewritten it, which captum 0.9.0's tensor hooks did
+    not (captum issue #1104: summation-to-delta failed where a ReLU feeds a MaxPool)."""
+
+    @staticmethod
+    def forward(ctx, inputs: Tensor, outputs: Tensor, module: nn.Module, eps: float, node: object) -> Tensor:  # type: ignore[no-untyped-def, override]
+        """`outputs`: the module's output, detached; `node`: the autograd node that computed it."""
+        rule = _DEEPLIFT_RULES[type(module)]
+        x_in, ref_in = inputs.chunk(2)
+        x_out, ref_out = outputs.chunk(2)
+        if rule == "maxpool":
+            cross = torch.max(x_out, ref_out)
+            delta_out = torch.cat([cross - ref_out, x_out - cross])
+            indices = getattr(node, "_saved_result1", None)  # the argmax positions torch kept for its own backward
+            if indices is None:
+                pool, _ = _pool_functions(module)
+                _, indices = pool(inputs, module.kernel_size, module.stride, module.padding, module.dilation, module.ceil_mode, True)  # type: ignore[attr-defined]
+            ctx.save_for_backward(inputs, x_in - ref_in, delta_out, indices)
+        else:
+            ctx.save_for_backward(inputs, x_in - ref_in, x_out - ref_out)
+        ctx.module, ctx.rule, ctx.eps, ctx.node = module, rule, eps, node
+        ctx.mark_dirty(outputs)  # the output tensor itself, given this node as history: no copy, no view
+        return outputs
+
+    @staticmethod
+    def backward(ctx, grad_output: Tensor) -> tuple[Tensor, None, None, None, None]:  # type: ignore[no-untyped-def, override]
+        module, rule = ctx.module, ctx.rule
+        if rule == "maxpool":
+            inputs, delta_in, delta_out, indices = ctx.saved_tensors
+            _, unpool = _pool_functions(module)
+            with torch.no_grad():
+                x_part, ref_part = torch.chunk(unpool(grad_output * delta_out, indices, module.kernel_size, module.stride,
+                                                      module.padding, list(inputs.shape)), 2)
+            ratio = ((x_part + ref_part) / delta_in).expand(2, *delta_in.shape)  # both halves share the multiplier
+        else:
+            inputs, delta_in, delta_out = ctx.saved_tensors
+            ratio = grad_output.unflatten(0, (2, -1)) * delta_out / delta_in
+        undefined = abs(delta_in) < ctx.eps
+        if bool(undefined.any()):  # input and reference agree (e.g. both zero after a ReLU): the module's own gradient
+            local = _local_gradient(module, ctx.node, inputs, grad_output).unflatten(0, (2, -1))
+            ratio = torch.where(undefined, local, ratio)
+        ratio = ratio.flatten(0, 1)
+        if rule == "softmax":
+            ratio = ratio - ratio.sum() * 1 / ratio.numel()  # captum's normalisation, over the whole batch
+        return ratio, None, None, None, None
+
+
+def _deeplift(forward: Forward | nn.Module, module: nn.Module, x: Tensor, target: Tensor, base: Tensor,
+              eps: float = 1e-10) -> Tensor:
+    """DeepLift's rescale rule (Shrikumar et al. 2017) with captum's semantics: input and reference
+    go through the model as one batch, every nonlinearity captum supports gets its rule, and the
+    attribution is (input - reference) x the multipliers of both halves' target scores. One
+    forward and one backward pass; captum's per-module clones of inputs and outputs, its hook
+    bookkeeping and its per-call checks cost twice as much as the passes on a small CNN."""
+    called: set[nn.Module] = set()
+    inputs: dict[nn.Module, Tensor] = {}
+
+    def before(m: nn.Module, args: tuple[Tensor, ...]) -> tuple[Tensor, ...] | None:
+        if m in called:
+            raise AttributionUnsupported(_REUSED)
+        called.add(m)
+        inputs[m] = args[0]
+        return (args[0].clone(), *args[1:]) if getattr(m, "inplace", False) else None  # keep the input the rule needs
+
+    def after(m: nn.Module, _args: tuple[Tensor, ...], output: Tensor) -> Tensor:
+        return _DeepLiftRule.apply(inputs.pop(m), output.detach(), m, eps, output.grad_fn)
+
+    handles = []
+    try:
+        for m in module.modules():
+            if type(m) in _DEEPLIFT_RULES:
+                handles += [m.register_forward_pre_hook(before), m.register_forward_hook(after)]
+        scores = forward(torch.cat([x, base]))
+        both = torch.cat([target, target])
+        gradients = torch.autograd.grad(scores.gather(1, both[:, None]).sum(), x)[0]
+    finally:
+        for handle in handles:
+            handle.remove()
+    return (x - base) * gradients
 
 
 def occlusion_boxes(height: int, width: int, params: AttributionParams) -> list[tuple[int, int, int, int]]:
