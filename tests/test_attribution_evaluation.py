@@ -14,8 +14,10 @@ from torch import nn
 from audit.attribution import (
     AttributionParams,
     attribute,
+    curve_ends,
     deletion_curve,
     randomisation_test,
+    randomisation_tests,
     spearman_rows,
 )
 from audit.attribution.evaluation import descending_order
@@ -98,6 +100,26 @@ def test_randomisation_leaves_module_alone_and_is_deterministic(saliency_randomi
     assert one.layers == ["fc"] and one.step_correlations.shape == (1,)
 
 
+
+def broken(forward, x, target, module) -> np.ndarray:  # type: ignore[no-untyped-def]
+    raise RuntimeError("cannot explain this model")
+
+
+def test_methods_tested_together_get_the_results_they_get_alone(cnn_case) -> None:  # type: ignore[no-untyped-def]
+    """One copy of the model, randomised once per step for every method: SmoothGrad's own noise must
+    not shift the weights the next method sees, and a failing method must not stop the others."""
+    model, x, target = cnn_case
+    params = AttributionParams(smoothgrad_samples=3, seed=2)
+    together = randomisation_tests(model, scores, ["smoothgrad", broken, "saliency", edge_detector], x, target, params, seed=7)
+    assert list(together) == ["smoothgrad", "broken", "saliency", "edge_detector"]
+    assert isinstance(together["broken"], RuntimeError)
+    for method in ("smoothgrad", "saliency", edge_detector):
+        alone = randomisation_test(model, scores, method, x, target, params, seed=7)
+        name = alone.method
+        np.testing.assert_array_equal(together[name].step_sample_correlations, alone.step_sample_correlations)  # type: ignore[union-attr]
+    with pytest.raises(RuntimeError, match="cannot explain"):
+        randomisation_test(model, scores, broken, x, target, params)
+
 def test_spearman_rows_matches_scipy() -> None:
     rng = np.random.default_rng(0)
     a = rng.normal(size=(4, 30))
@@ -151,6 +173,31 @@ def test_deletion_auc_by_hand_two_steps_on_numpy_forward() -> None:
     filled = deletion_curve(probs, x, torch.tensor([0]), maps, steps=2, fill=torch.full_like(x, 1.0))
     np.testing.assert_allclose(filled.curves[0], [p0, 0.5, 0.5], rtol=1e-6)
 
+
+
+def test_deletion_curve_with_shared_ends_skips_them_and_draws_the_same_curve() -> None:
+    torch.manual_seed(4)
+    model = LeftHalf()
+    x, target = torch.rand(3, 3, 6, 6), torch.tensor([0, 1, 0])
+    fill = torch.full_like(x, 0.5)
+    maps = np.random.default_rng(0).standard_normal((3, 6, 6))
+    seen = []
+
+    def probs(t: torch.Tensor) -> torch.Tensor:
+        seen.append(len(t))
+        return torch.softmax(model(t), dim=1)
+
+    ends = curve_ends(probs, x, fill, target)
+    assert seen == [6]
+    np.testing.assert_allclose(ends[1], 0.5, rtol=1e-6)  # a uniform image: both halves equal
+    seen.clear()
+    full = deletion_curve(probs, x, target, maps, steps=4, fill=fill, batch_size=3)
+    assert sum(seen) == 15
+    seen.clear()
+    shared = deletion_curve(probs, x, target, maps, steps=4, fill=fill, batch_size=3, ends=ends)
+    assert sum(seen) == 9  # the three middle steps only
+    np.testing.assert_allclose(shared.curves, full.curves, rtol=1e-6)
+    np.testing.assert_allclose(shared.auc, full.auc, rtol=1e-6)
 
 def test_descending_order_equals_stable_argsort_with_ties_signed_zeros_nan_and_inf() -> None:
     rng = np.random.default_rng(0)

@@ -3,8 +3,10 @@
 from audit.attribution.evaluation import (
     DeletionResult,
     RandomisationResult,
+    curve_ends,
     deletion_curve,
     randomisation_test,
+    randomisation_tests,
     spearman_rows,
 )
 from audit.attribution.methods import (
@@ -28,10 +30,12 @@ __all__ = [
     "RandomisationResult",
     "attribute",
     "baseline_for",
+    "curve_ends",
     "deletion_curve",
     "find_last_conv",
     "positive_mass",
     "randomisation_test",
+    "randomisation_tests",
     "spearman_rows",
     "unsupported_reason",
 ]

@@ -12,7 +12,7 @@
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -73,12 +73,15 @@ def spearman_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     A constant row has no ranking: two constant rows count as 1 (same non-information), one constant
     row against a varying one as 0, so a map that collapsed to zeros reads as fully changed.
     """
-    a = np.asarray(a, dtype=np.float64).reshape(len(a), -1)
-    b = np.asarray(b, dtype=np.float64).reshape(len(b), -1)
-    ra = rankdata(a, axis=1)
-    rb = rankdata(b, axis=1)
-    ra -= ra.mean(axis=1, keepdims=True)
-    rb -= rb.mean(axis=1, keepdims=True)
+    return _rank_correlation(_centred_ranks(a), _centred_ranks(b))
+
+
+def _centred_ranks(a: np.ndarray) -> np.ndarray:
+    ranks = rankdata(np.asarray(a, dtype=np.float64).reshape(len(a), -1), axis=1)
+    return ranks - ranks.mean(axis=1, keepdims=True)
+
+
+def _rank_correlation(ra: np.ndarray, rb: np.ndarray) -> np.ndarray:
     va = (ra**2).sum(axis=1)
     vb = (rb**2).sum(axis=1)
     den = np.sqrt(va * vb)
@@ -137,54 +140,84 @@ def randomisation_test(
     layers: int | None = None,
     seed: int = 0,
 ) -> RandomisationResult:
+    """Adebayo et al. 2018 cascading model-parameter randomisation of one method (see
+    `randomisation_tests`); a failure of the method is raised."""
+    result = randomisation_tests(module, make_forward, [method], x, target, params, normalisation, layers, seed)
+    outcome = next(iter(result.values()))
+    if isinstance(outcome, Exception):
+        raise outcome
+    return outcome
+
+
+def randomisation_tests(
+    module: nn.Module,
+    make_forward: Callable[[nn.Module], Callable[[Tensor], Tensor]],
+    methods: Sequence[str | MapFunction],
+    x: Tensor,
+    target: Tensor,
+    params: AttributionParams,
+    normalisation: Normalisation = ((0.0,), (1.0,)),
+    layers: int | None = None,
+    seed: int = 0,
+) -> dict[str, RandomisationResult | Exception]:
     """Adebayo et al. 2018 cascading model-parameter randomisation, on a deep copy of `module`.
 
     Parameterised layers are re-initialised from the output down, cumulatively (`layers` = how many
     steps, None = all), recomputing the maps after each step and comparing them with the original
     maps by per-sample Spearman rank correlation of the flattened maps (of |map| for magnitude
     methods, whose sign carries no meaning). `make_forward(m)` builds the score function over a
-    module (the probe's `lambda t: interpretation.torch_scores(m(t))`). `method` is a registered
-    name or a function (forward, x, target, module) -> (N, H, W) maps. The caller's module is never
-    touched; the result is deterministic given `seed` (and `params.seed` for stochastic methods).
+    module (the probe's `lambda t: interpretation.torch_scores(m(t))`). Each method is a registered
+    name or a function (forward, x, target, module) -> (N, H, W) maps. All methods see the same
+    randomised weights at each step (one copy, one re-initialisation per step; a method's own
+    random draws are seeded apart and do not disturb them), so the result of a method is the same
+    as when it is tested alone. The caller's module is never touched; the result is deterministic
+    given `seed` (and `params.seed` for stochastic methods). A method that fails maps to its error.
     """
-    if isinstance(method, str):
-        name = method
-        magnitude = not METHODS[method].signed
+    def name_of(method: str | MapFunction) -> str:
+        return method if isinstance(method, str) else getattr(method, "__name__", "custom")
 
-        def maps_of(m: nn.Module) -> np.ndarray:
-            return attribute(method, make_forward(m), x, target, params, normalisation, module=m)
-    else:
-        name = getattr(method, "__name__", "custom")
-        magnitude = False
-
-        def maps_of(m: nn.Module) -> np.ndarray:
-            return np.asarray(method(make_forward(m), x, target, m), dtype=np.float32)
-
-    def view(maps: np.ndarray) -> np.ndarray:
-        return np.abs(maps) if magnitude else maps
+    def maps_of(method: str | MapFunction, m: nn.Module) -> np.ndarray:
+        if isinstance(method, str):
+            maps = attribute(method, make_forward(m), x, target, params, normalisation, module=m)
+            return np.abs(maps) if not METHODS[method].signed else maps
+        return np.asarray(method(make_forward(m), x, target, m), dtype=np.float32)
 
     model = copy.deepcopy(module)
-    original = view(maps_of(model))
     order = list(reversed(_parameterised_layers(model, make_forward(model), x[:1])))
     if layers is not None:
         order = order[: max(0, layers)]
     if not order:
         raise ValueError("the model has no parameterised layers to randomise")
+    failed: dict[str, Exception] = {}
+    original: dict[str, np.ndarray] = {}
+    for method in methods:
+        try:
+            original[name_of(method)] = _centred_ranks(maps_of(method, model))
+        except Exception as exc:  # noqa: BLE001 - one method failing must not stop the others
+            failed[name_of(method)] = exc
     submodules = dict(model.named_modules())
-    per_step = []
+    per_step: dict[str, list[np.ndarray]] = {name: [] for name in original}
     with seeded(seed, x.device):
         for layer_name in order:
             _reinitialise(submodules[layer_name])
-            per_step.append(spearman_rows(original, view(maps_of(model))))
-    steps = np.stack(per_step)
-    return RandomisationResult(
-        method=name,
-        layers=order,
-        step_correlations=steps.mean(axis=1),
-        step_sample_correlations=steps,
-        final_correlation=float(steps[-1].mean()),
-        sample_correlations=steps[-1],
-    )
+            for method in methods:
+                name = name_of(method)
+                if name in failed:
+                    continue
+                try:
+                    per_step[name].append(_rank_correlation(original[name], _centred_ranks(maps_of(method, model))))
+                except Exception as exc:  # noqa: BLE001
+                    failed[name] = exc
+    results: dict[str, RandomisationResult | Exception] = {}
+    for method in methods:
+        name = name_of(method)
+        if name in failed:
+            results[name] = failed[name]
+            continue
+        steps = np.stack(per_step[name])
+        results[name] = RandomisationResult(method=name, layers=order, step_correlations=steps.mean(axis=1), step_sample_correlations=steps,
+                                            final_correlation=float(steps[-1].mean()), sample_correlations=steps[-1])
+    return results
 
 
 def descending_order(scores: np.ndarray) -> np.ndarray:
@@ -201,6 +234,17 @@ def descending_order(scores: np.ndarray) -> np.ndarray:
     return np.take_along_axis(low, high, axis=1)
 
 
+def curve_ends(forward_probs: Callable[[Tensor], Tensor], x: Tensor, fill: Tensor, target: Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """Target-class probabilities of the intact inputs and of the inputs entirely replaced by
+    `fill`: the two ends every deletion curve of the batch shares (`deletion_curve(ends=...)`)."""
+    n = x.shape[0]
+    target = torch.as_tensor(target, dtype=torch.long).reshape(-1).cpu()
+    with torch.no_grad():
+        probs = torch.as_tensor(forward_probs(torch.cat([x.detach(), fill.detach().to(x).expand_as(x)]))).cpu()
+    picked = probs.gather(1, torch.cat([target, target])[:, None])[:, 0].double().numpy()
+    return picked[:n], picked[n:]
+
+
 def deletion_curve(
     forward_probs: Callable[[Tensor], Tensor],
     x: Tensor,
@@ -211,6 +255,7 @@ def deletion_curve(
     order: Literal["attribution", "random"] = "attribution",
     seed: int = 0,
     batch_size: int = 64,
+    ends: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> DeletionResult:
     """Deletion metric (Samek et al. 2017; Petsiuk et al. 2018): remove pixels, watch the class probability.
 
@@ -220,7 +265,10 @@ def deletion_curve(
     (`order="random"`, the control). The area under the target-class probability curve over the
     fraction removed in [0, 1] is computed per sample; lower = more faithful. Whole steps of the
     batch go through `forward_probs` together (about `batch_size` images a call), so any forward
-    function works (onnxruntime wrappers included) and there is no per-sample loop.
+    function works (onnxruntime wrappers included) and there is no per-sample loop. `ends`, when
+    given, are the target-class probabilities of the intact and of the fully filled inputs: the
+    first and last points of every curve of a batch, whatever the map, so callers that draw several
+    curves for one batch compute them once.
     """
     if steps < 1:
         raise ValueError("steps must be at least 1")
@@ -247,15 +295,19 @@ def deletion_curve(
     order_index = ranking.unsqueeze(1).expand(n, channels, pixels)
     fill_ranked = fill_t.reshape(n, channels, pixels).gather(2, order_index)  # fill values in removal order
     curves = np.empty((n, steps + 1), dtype=np.float64)
-    per_call = max(1, min(steps + 1, batch_size // n))  # whole steps per forward call
+    first, last = 0, steps + 1  # the steps that go through the model
+    if ends is not None:
+        curves[:, 0], curves[:, steps] = ends
+        first, last = 1, steps
+    per_call = max(1, min(last - first, batch_size // n))  # whole steps per forward call
     # Each buffer slot moves forward through the steps; only the pixels newly removed since its last
     # step are written (a slice of the ranking), never whole images.
     buffer = x.detach().unsqueeze(0).repeat(per_call, 1, 1, 1, 1).reshape(per_call, n, channels, pixels)
     done = [0] * per_call
     target_d = target.to(x.device)
     with torch.no_grad():
-        for k0 in range(0, steps + 1, per_call):
-            ks = range(k0, min(k0 + per_call, steps + 1))
+        for k0 in range(first, last, per_call):
+            ks = range(k0, min(k0 + per_call, last))
             for j, k in enumerate(ks):
                 if removed[k] > done[j]:
                     buffer[j].scatter_(2, order_index[:, :, done[j] : removed[k]], fill_ranked[:, :, done[j] : removed[k]])

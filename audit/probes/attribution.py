@@ -12,7 +12,6 @@ onnxruntime instead, and the report says so.
 from __future__ import annotations
 
 import contextlib
-import copy
 from typing import Any, Literal
 
 import numpy as np
@@ -20,7 +19,7 @@ import pandas as pd
 import torch
 from pydantic import Field, field_validator
 
-from audit.attribution.evaluation import deletion_curve, randomisation_test
+from audit.attribution.evaluation import curve_ends, deletion_curve, randomisation_tests
 from audit.attribution.methods import (
     METHODS,
     AttributionParams,
@@ -135,7 +134,8 @@ class Attribution(Probe):
                   norm: Any) -> tuple[np.ndarray, dict[str, np.ndarray]]:
         """Deletion areas of a batch: the random-order control, and the methods' maps stacked about
         DELETION_BATCH images per call (bounded memory on large inputs), so the runtime gets large
-        calls and torch and onnxruntime alternate about once per batch, not once per method."""
+        calls and torch and onnxruntime alternate about once per batch, not once per method. The
+        curves' shared first and last points (intact, fully filled) are computed once."""
         p, seed = self.params, self.context.seed
         fill = baseline_for(x, p.baseline, normalisation=norm)
         n = len(x)
@@ -143,12 +143,14 @@ class Attribution(Probe):
         per_call = max(1, DELETION_BATCH // n)
         ranked: dict[str, np.ndarray] = {}
         with self._runtime_threads():
-            control = deletion_curve(probs_fn, x, target, np.zeros((n, *x.shape[2:])), p.deletion_steps, fill, "random", seed, DELETION_BATCH)
+            ends = curve_ends(probs_fn, x, fill, target)
+            control = deletion_curve(probs_fn, x, target, np.zeros((n, *x.shape[2:])), p.deletion_steps, fill, "random", seed, DELETION_BATCH, ends)
             for start in range(0, len(names), per_call):
                 part = names[start : start + per_call]
                 k = len(part)
                 stacked = deletion_curve(probs_fn, x.repeat(k, 1, 1, 1), target.repeat(k), np.concatenate([results[m] for m in part]),
-                                         p.deletion_steps, fill.repeat(k, 1, 1, 1), "attribution", seed, DELETION_BATCH)
+                                         p.deletion_steps, fill.repeat(k, 1, 1, 1), "attribution", seed, DELETION_BATCH,
+                                         (np.tile(ends[0], k), np.tile(ends[1], k)))
                 ranked.update({m: stacked.auc[i * n : (i + 1) * n] for i, m in enumerate(part)})
         return control.auc, ranked
 
@@ -215,14 +217,19 @@ class Attribution(Probe):
         def make_forward(m: torch.nn.Module):  # type: ignore[no-untyped-def]
             return lambda t: interpretation.torch_scores(m(t))
 
+        gradient = [m for m in methods if METHODS[m].gradient]
         for method in methods:
-            if not METHODS[method].gradient:
+            if method not in gradient:
                 out[method] = {"correlation": None, "layers": [], "steps": [], "note": "perturbation method: reads the model only through its outputs"}
-                continue
-            try:
-                result = randomisation_test(copy.deepcopy(module), make_forward, method, x, target, settings, norm, seed=self.context.seed)
-            except Exception as exc:  # noqa: BLE001
-                out[method] = {"correlation": None, "layers": [], "steps": [], "note": f"randomisation test failed ({first_line(exc)})"}
+        if not gradient:
+            return out
+        try:
+            results = randomisation_tests(module, make_forward, gradient, x, target, settings, norm, seed=self.context.seed)
+        except Exception as exc:  # noqa: BLE001 - e.g. a model without parameterised layers
+            results = dict.fromkeys(gradient, exc)
+        for method, result in results.items():
+            if isinstance(result, Exception):
+                out[method] = {"correlation": None, "layers": [], "steps": [], "note": f"randomisation test failed ({first_line(result)})"}
                 continue
             out[method] = {"correlation": result.final_correlation, "layers": list(result.layers),
                            "steps": [float(v) for v in result.step_correlations], "n": int(len(result.sample_correlations))}

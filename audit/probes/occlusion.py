@@ -15,7 +15,7 @@ import torch
 from pydantic import Field
 from scipy import ndimage
 
-from audit.attribution.evaluation import deletion_curve
+from audit.attribution.evaluation import curve_ends, deletion_curve
 from audit.attribution.methods import METHODS, AttributionParams, attribute, baseline_for, occlusion_geometry
 from audit.metrics.names import scope
 from audit.probes.base import Evidence, Probe, ProbeParams, Taps
@@ -92,9 +92,10 @@ class Occlusion(Probe):
             target = torch.tensor(block["target"].to_numpy(np.int64))
             maps = attribute("occlusion", forward, x, target, settings, norm)
             fill = baseline_for(x, p.baseline, normalisation=norm)
-            probs = forward(x).gather(1, target[:, None])[:, 0].numpy()
-            ranked = deletion_curve(forward, x, target, maps, p.deletion_steps, fill, "attribution", context.seed, DELETION_BATCH)
-            control = deletion_curve(forward, x, target, maps, p.deletion_steps, fill, "random", context.seed, DELETION_BATCH)
+            ends = curve_ends(forward, x, fill, target)
+            probs = ends[0].astype(np.float32)
+            ranked = deletion_curve(forward, x, target, maps, p.deletion_steps, fill, "attribution", context.seed, DELETION_BATCH, ends)
+            control = deletion_curve(forward, x, target, maps, p.deletion_steps, fill, "random", context.seed, DELETION_BATCH, ends)
             frame = block[["id", "class", "domain", "target"]].assign(
                 probability=probs, deletion_auc=ranked.auc, random_deletion_auc=control.auc,
                 object_drop=np.nan, background_drop=np.nan)
