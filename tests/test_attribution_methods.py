@@ -224,6 +224,26 @@ def test_deeplift_refuses_a_reused_module_and_cleans_up() -> None:
     assert attribute("guided_backprop", model, x, torch.tensor([0, 1]), AttributionParams(), module=model).shape == (2, 8, 8)
 
 
+
+def test_relu_check_is_traced_once_but_again_when_the_model_changes(monkeypatch: pytest.MonkeyPatch) -> None:
+    import audit.models.torch_adapter as torch_adapter
+
+    traces = []
+    trace = torch_adapter.relu_module_reason
+    monkeypatch.setattr(torch_adapter, "relu_module_reason", lambda m, e: traces.append(1) or trace(m, e))
+    torch.manual_seed(0)
+    model = frozen(Cnn())
+    x, target = torch.randn(2, 3, 8, 8), torch.tensor([0, 1])
+    for _ in range(3):
+        attribute("guided_backprop", model, x, target, AttributionParams(), module=model)
+    assert len(traces) == 1
+    model.relu1.inplace = True
+    with pytest.raises(AttributionUnsupported, match="in-place"):
+        attribute("guided_backprop", model, x, target, AttributionParams(), module=model)
+    model.relu1.inplace = False
+    attribute("deconvolution", model, x[:1], target[:1], AttributionParams(), module=model)
+    assert len(traces) == 3
+
 def test_deeplift_summation_to_delta_with_relu_feeding_maxpool() -> None:
     torch.manual_seed(2)
     model = frozen(Cnn(pool=nn.MaxPool2d))

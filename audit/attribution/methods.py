@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import math
 import warnings
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Literal
@@ -431,12 +432,27 @@ def _module_for(spec: Method, forward: Forward | nn.Module, module: nn.Module | 
         else:
             raise AttributionUnsupported(f"{spec.name} needs the torch module (pass module=...)")
     if Capability.RELU_MODULES in spec.requires:
-        from audit.models.torch_adapter import relu_module_reason
-
-        reason = relu_module_reason(module, x[:1])
+        reason = _relu_reason(module, x[:1])
         if reason is not None:
             raise AttributionUnsupported(reason)
     return module
+
+
+_RELU_REASONS: weakref.WeakKeyDictionary[nn.Module, tuple[tuple[object, ...], str | None]] = weakref.WeakKeyDictionary()
+
+
+def _relu_reason(module: nn.Module, example: Tensor) -> str | None:
+    """`relu_module_reason`, traced once per module structure and input shape: the probe calls the
+    method batch after batch on the same model, and each trace is a forward pass."""
+    from audit.models.torch_adapter import relu_module_reason
+
+    key = (tuple(example.shape[1:]), *((id(m), type(m), getattr(m, "inplace", None)) for m in module.modules()))
+    cached = _RELU_REASONS.get(module)
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    reason = relu_module_reason(module, example)
+    _RELU_REASONS[module] = (key, reason)
+    return reason
 
 
 def _hookable(forward: Forward | nn.Module, module: nn.Module) -> nn.Module:
