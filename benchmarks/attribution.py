@@ -7,7 +7,8 @@ the same model; efficiency = ideal / actual (1.0 = the stages add nothing to the
 aim at 0.9, never below 0.77).
 
 A shared virtual machine drifts by a fifth in speed over tens of seconds, so the costs are measured
-right after each run of the stages, the audit runs `REPEATS` times, and the median is reported.
+right before and right after each run of the stages and averaged, the audit runs `REPEATS` times,
+and the median is reported.
 """
 
 from __future__ import annotations
@@ -82,7 +83,7 @@ def instrument(adapter, counter: Counter) -> None:  # type: ignore[no-untyped-de
     adapter.forward = counted
 
 
-def pass_costs(onnx_path: Path) -> dict[str, float]:
+def pass_costs(onnx_path: Path, label: str) -> dict[str, float]:
     """Per-image seconds of the three kinds of pass, each at its best batch size. The backward pass
     is taken with respect to the input only, as every gradient method needs it."""
     from audit import models
@@ -100,9 +101,10 @@ def pass_costs(onnx_path: Path) -> dict[str, float]:
             module(chunk)
 
     costs = {}
+    print(f"  {label}:", end="")
     for name, run in (("fwd+bwd", fwd_bwd), ("torch fwd", fwd), ("onnxruntime fwd", lambda c: adapter.forward(c.numpy()))):
         costs[name], batch = best_cost(run, pool)
-        print(f"  {name}: {costs[name] * 1e3:.3f} ms per image (batch {batch})", end=";")
+        print(f"  {name} {costs[name] * 1e3:.3f} ms per image (batch {batch})", end=";")
     print()
     return costs
 
@@ -163,8 +165,10 @@ def main() -> None:
         onnx_path = export_onnx(train_model(data, seed=0), root / "demo.onnx")
         results: dict[str, list[float]] = {}
         for repeat in range(REPEATS):
+            before = pass_costs(onnx_path, "before")
             counter = run_stages(onnx_path, data.audit_manifest, list(data.classes), root / f"run{repeat}")
-            costs = pass_costs(onnx_path)
+            after = pass_costs(onnx_path, "after")
+            costs = {kind: (before[kind] + after[kind]) / 2 for kind in before}
             total_ideal = total_actual = 0.0
             for stage, (grad, plain_only, backward, ort, seconds) in counter.stages.items():
                 plain = max(0, grad - backward) + plain_only
