@@ -9,8 +9,9 @@ input) pairs cut into passes of `internal_batch_size` images whatever the batch,
 per-call bookkeeping and its slow noise draw), DeepLift (captum's rules as autograd nodes, one
 forward and one backward pass), occlusion (vectorised windows over a reused buffer) and KernelSHAP
 (captum fits one example at a time; here the coalitions are drawn once with captum's own sampler
-and shared by the whole batch, and one least-squares solve serves every sample). Inputs are processed in chunks so a large sample
-never holds one giant graph (GPU memory was the most common complaint about attribution tools).
+and shared by the whole batch, and one least-squares solve serves every sample). Inputs are
+processed in chunks so a large sample never holds one giant graph (GPU memory was the most common
+complaint about attribution tools).
 
 Methods that rewrite ReLU backward passes (guided backprop, deconvolution, guided Grad-CAM) or
 hook every nonlinearity (DeepLift) only mean something when every ReLU is an `nn.ReLU` module:

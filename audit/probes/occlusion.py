@@ -19,7 +19,16 @@ from audit.attribution.evaluation import curve_ends, deletion_curve
 from audit.attribution.methods import METHODS, AttributionParams, attribute, baseline_for, occlusion_geometry
 from audit.metrics.names import scope
 from audit.probes.base import Evidence, Probe, ProbeParams, Taps
-from audit.probes.model_functions import DELETION_BATCH, detail_batches, sample_rows, load_masks, normalisation, probabilities_function, shrink, torch_threads
+from audit.probes.model_functions import (
+    DELETION_BATCH,
+    detail_batches,
+    load_masks,
+    normalisation,
+    probabilities_function,
+    sample_rows,
+    shrink,
+    torch_threads,
+)
 from audit.probes.registry import register
 from audit.probes.sampling import detail_sample
 
