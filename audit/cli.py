@@ -14,6 +14,7 @@ from typing import Any
 
 from audit import __version__
 from audit.errors import AuditError, InputError, first_line
+from audit.execution.allocator import advise_huge_pages
 
 EXIT_OK, EXIT_FINDINGS, EXIT_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
 
@@ -211,6 +212,7 @@ COMMANDS = {"run": _cmd_run, "render": _cmd_render, "rules": _cmd_rules, "probes
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    advise_huge_pages()  # before anything imports torch
     args = build_parser().parse_args(argv)
     try:
         return COMMANDS[args.command](args)

@@ -7,11 +7,18 @@ faults and about a third of the attribution stage's time. Pinning the thresholds
 the MALLOC_MMAP_THRESHOLD_ / MALLOC_TRIM_THRESHOLD_ environment variables, applied at run time)
 lets freed blocks be reused; the cost is that up to `TRIM_THRESHOLD` of freed memory stays with the
 process until it exits. Elsewhere (macOS, musl, Windows) nothing changes.
+
+The memory a probe touches for the first time still faults, 4 kB at a time; PyTorch can align its
+large blocks to 2 MB and advise transparent huge pages for them (`THP_MEM_ALLOC_ENABLE`), which cut
+the page faults of the demo's attribution and occlusion stages by a quarter and removed the slow
+first batches (measured: the first Integrated Gradients batch at 0.53 ms per image against 0.40 in
+steady state, without; no difference, with) for 1.5% more peak memory.
 """
 
 from __future__ import annotations
 
 import ctypes
+import os
 import sys
 
 _M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD = -1, -2, -3
@@ -41,3 +48,16 @@ def _apply() -> bool:
     mallopt.restype = ctypes.c_int
     settings = ((_M_MMAP_THRESHOLD, MMAP_THRESHOLD), (_M_TRIM_THRESHOLD, TRIM_THRESHOLD), (_M_TOP_PAD, TOP_PAD))
     return all(mallopt(option, value) == 1 for option, value in settings)
+
+
+HUGE_PAGES_VARIABLE = "THP_MEM_ALLOC_ENABLE"
+
+
+def advise_huge_pages() -> bool:
+    """Ask PyTorch's CPU allocator for huge-page-advised blocks, unless the caller's environment
+    already says (e.g. `THP_MEM_ALLOC_ENABLE=0`). PyTorch reads the variable once, at its first
+    allocation, so this must run before torch is imported; True when it will take effect."""
+    if "torch" in sys.modules:
+        return False
+    os.environ.setdefault(HUGE_PAGES_VARIABLE, "1")
+    return os.environ[HUGE_PAGES_VARIABLE] == "1"
