@@ -173,15 +173,13 @@ def randomisation_tests(
     as when it is tested alone. The caller's module is never touched; the result is deterministic
     given `seed` (and `params.seed` for stochastic methods). A method that fails maps to its error.
     """
-    def name_of(method: str | MapFunction) -> str:
-        return method if isinstance(method, str) else getattr(method, "__name__", "custom")
-
     def maps_of(method: str | MapFunction, m: nn.Module) -> np.ndarray:
         if isinstance(method, str):
             maps = attribute(method, make_forward(m), x, target, params, normalisation, module=m)
             return np.abs(maps) if not METHODS[method].signed else maps
         return np.asarray(method(make_forward(m), x, target, m), dtype=np.float32)
 
+    named = {method if isinstance(method, str) else getattr(method, "__name__", "custom"): method for method in methods}
     model = copy.deepcopy(module)
     order = list(reversed(_parameterised_layers(model, make_forward(model), x[:1])))
     if layers is not None:
@@ -190,18 +188,17 @@ def randomisation_tests(
         raise ValueError("the model has no parameterised layers to randomise")
     failed: dict[str, Exception] = {}
     original: dict[str, np.ndarray] = {}
-    for method in methods:
+    per_step: dict[str, list[np.ndarray]] = {name: [] for name in named}
+    for name, method in named.items():
         try:
-            original[name_of(method)] = _centred_ranks(maps_of(method, model))
+            original[name] = _centred_ranks(maps_of(method, model))
         except Exception as exc:  # noqa: BLE001 - one method failing must not stop the others
-            failed[name_of(method)] = exc
+            failed[name] = exc
     submodules = dict(model.named_modules())
-    per_step: dict[str, list[np.ndarray]] = {name: [] for name in original}
     with seeded(seed, x.device):
         for layer_name in order:
             _reinitialise(submodules[layer_name])
-            for method in methods:
-                name = name_of(method)
+            for name, method in named.items():
                 if name in failed:
                     continue
                 try:
@@ -209,8 +206,7 @@ def randomisation_tests(
                 except Exception as exc:  # noqa: BLE001
                     failed[name] = exc
     results: dict[str, RandomisationResult | Exception] = {}
-    for method in methods:
-        name = name_of(method)
+    for name in named:
         if name in failed:
             results[name] = failed[name]
             continue
