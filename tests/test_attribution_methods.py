@@ -4,6 +4,9 @@ and perturbation methods on a numpy-backed forward function (no autograd)."""
 
 from __future__ import annotations
 
+import copy
+import pkgutil
+
 import numpy as np
 import pytest
 import torch
@@ -20,7 +23,19 @@ from audit.attribution import (
     positive_mass,
     unsupported_reason,
 )
-from audit.attribution.methods import grid_mask, input_range, occlusion_geometry
+from audit.attribution import methods as methods_package
+from audit.attribution.methods import (
+    GRADIENT_METHODS,
+    PERTURBATION_FALLBACK,
+    AttributionInputs,
+    AttributionMethod,
+    ChunkFunction,
+    default_methods,
+    fallback_methods,
+    grid_mask,
+    input_range,
+    occlusion_geometry,
+)
 from audit.models.base import Capability
 from audit.models.torch_adapter import relu_module_reason
 
@@ -157,6 +172,8 @@ def captum_reference(name: str, model: nn.Module, x: torch.Tensor, target: torch
             )
             maps.append(raw.mean(1).numpy())
         return np.concatenate(maps)
+    if name == "lrp":  # on a copy: captum leaves its `activations` on the layers it explained
+        return ca.LRP(copy.deepcopy(model)).attribute(xg, target=target).sum(1).detach().numpy()
     raise AssertionError(name)
 
 
@@ -226,7 +243,7 @@ def test_deeplift_refuses_a_reused_module_and_cleans_up() -> None:
 
 
 def test_relu_check_is_traced_once_but_again_when_the_model_changes(monkeypatch: pytest.MonkeyPatch) -> None:
-    import audit.models.torch_adapter as torch_adapter
+    from audit.models import torch_adapter
 
     traces = []
     trace = torch_adapter.relu_module_reason
@@ -431,9 +448,10 @@ def test_registry_and_helpers(cnn_case: tuple[nn.Module, torch.Tensor, torch.Ten
     model, x, _ = cnn_case
     assert list(METHODS) == [
         "saliency", "gradient_x_input", "integrated_gradients", "smoothgrad", "gradcam", "guided_backprop",
-        "deconvolution", "guided_gradcam", "deeplift", "gradient_shap", "occlusion", "feature_ablation", "kernel_shap",
+        "deconvolution", "guided_gradcam", "deeplift", "gradient_shap", "lrp", "occlusion", "feature_ablation",
+        "kernel_shap",
     ]
-    assert all(m.reference and m.title for m in METHODS.values())
+    assert all(m.reference and m.title and m.short_title for m in METHODS.values())
     assert METHODS["guided_backprop"].requires == {Capability.GRADIENTS, Capability.HOOKS, Capability.RELU_MODULES}
     assert METHODS["gradcam"].requires == {Capability.GRADIENTS, Capability.HOOKS}
     assert find_last_conv(model) == "conv2" and find_last_conv(LeftHalf()) is None
@@ -448,3 +466,60 @@ def test_registry_and_helpers(cnn_case: tuple[nn.Module, torch.Tensor, torch.Ten
     assert (positive_mass(np.array([[-1.0, 2.0]])) == [[0.0, 2.0]]).all()
     assert occlusion_geometry(64, 32, AttributionParams()) == ((8, 4), (4, 2))
     assert grid_mask(4, 4, 2).tolist() == [[0, 0, 1, 1], [0, 0, 1, 1], [2, 2, 3, 3], [2, 2, 3, 3]]
+
+
+SHORT_TITLES = {  # the report's column and caption names (audit/report/viewmodel.py), plus LRP's
+    "saliency": "saliency", "gradient_x_input": "grad × input", "integrated_gradients": "integ. gradients",
+    "smoothgrad": "SmoothGrad", "gradcam": "Grad-CAM", "guided_backprop": "guided backprop",
+    "deconvolution": "deconvolution", "guided_gradcam": "guided Grad-CAM", "deeplift": "DeepLift",
+    "gradient_shap": "GradientSHAP", "lrp": "LRP", "occlusion": "occlusion", "feature_ablation": "feature ablation",
+    "kernel_shap": "KernelSHAP",
+}
+
+
+def test_declarations_give_the_lists_other_modules_use() -> None:
+    gradient = ["saliency", "gradient_x_input", "integrated_gradients", "smoothgrad", "gradcam", "guided_backprop",
+                "deconvolution", "guided_gradcam", "deeplift", "gradient_shap"]
+    assert default_methods() == GRADIENT_METHODS == gradient
+    assert fallback_methods() == PERTURBATION_FALLBACK == ["feature_ablation", "kernel_shap"]
+    assert {name: m.short_title for name, m in METHODS.items()} == SHORT_TITLES
+    assert [n for n, m in METHODS.items() if m.gradient] == [*gradient, "lrp"]
+    assert [n for n, m in METHODS.items() if m.needs_module] == [
+        "gradcam", "guided_backprop", "deconvolution", "guided_gradcam", "deeplift", "lrp"]
+    assert [n for n, m in METHODS.items() if m.needs_layer] == ["gradcam", "guided_gradcam"]
+    assert [n for n, m in METHODS.items() if m.stochastic] == ["smoothgrad", "gradient_shap", "kernel_shap"]
+    assert [n for n, m in METHODS.items() if not m.signed] == ["saliency", "smoothgrad", "gradcam"]
+
+
+def test_every_module_of_the_package_but_the_shared_ones_declares_one_method() -> None:
+    modules = {info.name for info in pkgutil.iter_modules(methods_package.__path__)} - {"base", "common"}
+    declared = [type(m).__module__.rsplit(".", 1)[1] for m in METHODS.values()]
+    assert sorted(declared) == sorted(modules)
+
+
+def test_a_new_subclass_registers_itself_in_display_order() -> None:
+    class Ones(AttributionMethod):
+        name = "test_ones"
+        title = "All ones"
+        short_title = "ones"
+        reference = "none"
+        order = 15
+        signed = False
+
+        def prepare(self, inputs: AttributionInputs) -> ChunkFunction:
+            return lambda xc, tc, _b: torch.ones_like(xc)
+
+    try:
+        assert list(METHODS)[:3] == ["saliency", "test_ones", "gradient_x_input"]
+        assert "test_ones" not in default_methods() and not METHODS["test_ones"].gradient
+        maps = attribute("test_ones", LeftHalf(), torch.rand(2, 3, 4, 4), torch.tensor([0, 1]), AttributionParams())
+        assert maps.dtype == np.float32 and (maps == 3.0).all()
+        assert unsupported_reason("test_ones", {}, None) is None
+        with pytest.raises(ValueError, match="declared by"):
+            type("Other", (AttributionMethod,), {"name": "test_ones", "title": "t", "short_title": "t",
+                                                 "reference": "r", "order": 1})
+        with pytest.raises(TypeError, match="short_title"):
+            type("Untitled", (AttributionMethod,), {"name": "test_untitled", "title": "t", "reference": "r", "order": 1})
+    finally:
+        METHODS.pop("test_ones", None)
+    assert "test_ones" not in METHODS and "test_untitled" not in METHODS

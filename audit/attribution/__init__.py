@@ -11,11 +11,14 @@ from audit.attribution.evaluation import (
 )
 from audit.attribution.methods import (
     METHODS,
+    AttributionMethod,
     AttributionParams,
     AttributionUnsupported,
     Method,
     attribute,
     baseline_for,
+    default_methods,
+    fallback_methods,
     find_last_conv,
     positive_mass,
     unsupported_reason,
@@ -23,6 +26,7 @@ from audit.attribution.methods import (
 
 __all__ = [
     "METHODS",
+    "AttributionMethod",
     "AttributionParams",
     "AttributionUnsupported",
     "DeletionResult",
@@ -31,7 +35,9 @@ __all__ = [
     "attribute",
     "baseline_for",
     "curve_ends",
+    "default_methods",
     "deletion_curve",
+    "fallback_methods",
     "find_last_conv",
     "positive_mass",
     "randomisation_test",
