@@ -15,6 +15,10 @@ class ModelLoadError(InputError):
     """The model file cannot be loaded or run with the given settings."""
 
 
+class TapError(ModelLoadError):
+    """A forward pass was asked for a tap (embedding, layer:NAME) the model cannot serve; the message names it."""
+
+
 class RuleError(InputError):
     """A rule file is malformed; the message names the file and the key."""
 

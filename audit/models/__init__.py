@@ -4,9 +4,29 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from audit.models.base import Capability, InputSpec, ModelAdapter, resolve_device
+from audit.models.base import (
+    EMBEDDING_TAP,
+    LAYER_TAP,
+    OUTPUT_TAP,
+    TAP_VOCABULARY,
+    Capability,
+    InputSpec,
+    ModelAdapter,
+    resolve_device,
+)
 
-__all__ = ["Capability", "InputSpec", "ModelAdapter", "load_model", "resolve_device", "is_onnx"]
+__all__ = [
+    "EMBEDDING_TAP",
+    "LAYER_TAP",
+    "OUTPUT_TAP",
+    "TAP_VOCABULARY",
+    "Capability",
+    "InputSpec",
+    "ModelAdapter",
+    "is_onnx",
+    "load_model",
+    "resolve_device",
+]
 
 
 def is_onnx(model: Path | str) -> bool:
@@ -19,8 +39,19 @@ def load_model(
     device: str,
     weights: Path | None = None,
     output_name: str | None = None,
+    embedding_layer: str | None = None,
 ) -> ModelAdapter:
-    """`.onnx` through onnxruntime (+ onnx2torch); `.pt`/`.pth`/`.pt2` or `module:factory` through torch."""
+    """`.onnx` through onnxruntime (+ onnx2torch); `.pt`/`.pth`/`.pt2` or `module:factory` through torch.
+
+    `embedding_layer` overrides where the `embedding` tap is read, in the terms of each format:
+    - torch: the name of the classifier head module (e.g. `fc`, `classifier.6`); the embedding is its
+      INPUT, as found automatically (the last nn.Linear). Names are the user's model's own, whatever
+      wrappers the adapter adds.
+    - ONNX: the name of the embedding tensor itself (e.g. `/Flatten_output_0`); found automatically as
+      the data input of the last Gemm or MatMul.
+    A name the model lacks does not fail the load: the embedding tap's reason says so
+    (`adapter.tap_reason("embedding")`), and only the probes that need it are skipped.
+    """
     if is_onnx(model):
         from audit.models.onnx_adapter import build_onnx_adapter
 
@@ -28,7 +59,7 @@ def load_model(
             from audit.errors import InputError
 
             raise InputError(f"--weights {weights}: an ONNX file carries its own weights")
-        return build_onnx_adapter(Path(model), input_spec, output_name, device)
+        return build_onnx_adapter(Path(model), input_spec, output_name, device, embedding_layer)
     from audit.models.torch_adapter import build_torch_adapter
 
-    return build_torch_adapter(str(model), weights, input_spec, device)
+    return build_torch_adapter(str(model), weights, input_spec, device, embedding_layer)

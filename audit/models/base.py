@@ -6,6 +6,7 @@ report never shows a method as if it had run when it could not.
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
@@ -15,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from audit.errors import TapError
 from audit.manifest import sha256_file
 
 if TYPE_CHECKING:
@@ -26,6 +28,24 @@ class Capability(str, Enum):
     HOOKS = "hooks"  # forward/backward hooks on submodules (Grad-CAM, taps)
     NAMED_LAYERS = "named_layers"  # submodules addressable by name
     RELU_MODULES = "relu_modules"  # every ReLU is an nn.ReLU module (guided backprop, deconvolution)
+
+
+OUTPUT_TAP = "output"  # the raw selected output, always served
+EMBEDDING_TAP = "embedding"  # the input of the classifier head, (N, features)
+LAYER_TAP = "layer:"  # + a module name (torch) or a tensor name (ONNX)
+TAP_VOCABULARY = (OUTPUT_TAP, EMBEDDING_TAP, LAYER_TAP + "*")
+
+
+def closest_names(name: str, candidates: list[str], label: str) -> str:
+    """`closest: a, b` when some candidate resembles `name`, else the first few candidates, for a
+    reason that tells the user what to type instead."""
+    close = difflib.get_close_matches(name, candidates, n=3)
+    if close:
+        return "closest: " + ", ".join(close)
+    if not candidates:
+        return f"no {label}"
+    more = f", ... {len(candidates)} in all" if len(candidates) > 8 else ""
+    return f"{label}: " + ", ".join(candidates[:8]) + more
 
 
 @dataclass(frozen=True)
@@ -64,14 +84,46 @@ class ModelAdapter(ABC):
 
     @abstractmethod
     def forward(self, x: np.ndarray, taps: frozenset[str] = frozenset()) -> dict[str, np.ndarray]:
-        """Run one batch. Returns {"output": raw selected output} plus one array per tap."""
+        """Run one batch. Returns {"output": raw selected output} plus one float32 array per tap asked
+        ("embedding": N x F, "layer:NAME": N x ...); raises TapError for a tap `tap_reason` refuses."""
 
     @abstractmethod
     def torch_module(self) -> torch.nn.Module | None:
         """A differentiable module taking NCHW input and returning the raw selected output."""
 
-    def supported_taps(self) -> frozenset[str]:
-        return frozenset({"output"})
+    def embedding_source(self) -> str | None:
+        """The module (torch: the head, whose input is read) or tensor (ONNX) the embedding comes from."""
+        return None
+
+    def embedding_reason(self) -> str | None:
+        """None when the embedding tap is served, else why not."""
+        return f"{self.format} models serve no embedding"
+
+    def layer_reason(self, name: str | None) -> str | None:
+        """None when layer:`name` is served, else why not; `name` None asks about layer taps at all."""
+        return f"{self.format} models serve no layer taps"
+
+    def tap_reason(self, tap: str) -> str | None:
+        """None when this model serves `tap`, else a one-line reason naming what is missing."""
+        if tap == OUTPUT_TAP:
+            return None
+        if tap == EMBEDDING_TAP:
+            return self.embedding_reason()
+        if tap.startswith(LAYER_TAP):
+            name = tap[len(LAYER_TAP) :]
+            return self.layer_reason(name) if name else "a layer tap needs a name: layer:NAME"
+        return f"unknown tap {tap!r} (taps: {OUTPUT_TAP}, {EMBEDDING_TAP}, {LAYER_TAP}NAME)"
+
+    def supported_taps(self) -> dict[str, str | None]:
+        """Each entry of the vocabulary ("output", "embedding", "layer:*") with None if served, else why not."""
+        return {OUTPUT_TAP: None, EMBEDDING_TAP: self.embedding_reason(), LAYER_TAP + "*": self.layer_reason(None)}
+
+    def check_taps(self, taps: frozenset[str]) -> None:
+        """Refuse, before any work, a forward pass asked for a tap this model cannot serve."""
+        for tap in sorted(taps):
+            reason = self.tap_reason(tap)
+            if reason is not None:
+                raise TapError(f"tap {tap}: {reason}")
 
     @property
     def fingerprint(self) -> str:
@@ -103,6 +155,10 @@ class ModelAdapter(ABC):
             "capabilities": {
                 c.value: {"available": self.capabilities.get(c) is None, "reason": self.capabilities.get(c)}
                 for c in Capability
+            },
+            "taps": {
+                "embedding": {"source": self.embedding_source(), "reason": self.embedding_reason()},
+                "served": self.supported_taps(),
             },
             "notes": self.notes,
         }

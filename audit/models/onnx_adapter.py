@@ -3,7 +3,8 @@
 Real-world files are messy: old opsets, auto_pad that onnx2torch refuses (see onnx_rewrite), a batch
 dimension fixed to 1, inputs named anything, several outputs, channels-last layouts. The adapter copes
 with each, and when the conversion to torch fails or disagrees with onnxruntime, gradient capabilities
-are withdrawn with the reason.
+are withdrawn with the reason. Taps (embedding, layer:TENSOR) never need the conversion: they are extra
+graph outputs of an onnxruntime session.
 """
 
 from __future__ import annotations
@@ -19,8 +20,16 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from audit.errors import InputError, ModelLoadError, first_line
-from audit.models.base import Capability, InputSpec, ModelAdapter, ModelFile
+from audit.errors import InputError, ModelLoadError, TapError, first_line
+from audit.models.base import (
+    EMBEDDING_TAP,
+    LAYER_TAP,
+    Capability,
+    InputSpec,
+    ModelAdapter,
+    ModelFile,
+    closest_names,
+)
 from audit.models.onnx_rewrite import rewrite_for_conversion
 
 CONVERTER_OPSETS = (17, 13)  # opsets onnx2torch covers well; other files are converted to these first
@@ -98,13 +107,14 @@ def to_model_layout(x: np.ndarray, layout: str | None) -> np.ndarray:
     return x
 
 
-def _make_session(model: onnx.ModelProto, providers: list[str]) -> ort.InferenceSession:
+def _make_session(model: onnx.ModelProto | bytes, providers: list[str]) -> ort.InferenceSession:
     options = ort.SessionOptions()
     options.log_severity_level = 3
     # The audit alternates onnxruntime calls with torch work (perturbations, attributions); spinning
     # onnxruntime threads then fight torch's for the cores (measured: 2.3x slower per image on 2 cores).
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    return ort.InferenceSession(model.SerializeToString(), sess_options=options, providers=providers)
+    data = model if isinstance(model, bytes) else model.SerializeToString()
+    return ort.InferenceSession(data, sess_options=options, providers=providers)
 
 
 def _providers(device: str) -> list[str]:
@@ -127,6 +137,25 @@ def _free_batch_dimension(model: onnx.ModelProto, input_name: str) -> onnx.Model
     return rewritten
 
 
+def _constant_tensors(graph: onnx.GraphProto) -> set[str]:
+    """Initializers and what nodes compute from them alone (Constant, a transposed weight): not data."""
+    constant = {t.name for t in graph.initializer}
+    for node in graph.node:
+        if all(not name or name in constant for name in node.input):
+            constant.update(node.output)
+    return constant
+
+
+def classifier_head_input(graph: onnx.GraphProto) -> str | None:
+    """The data input of the last Gemm or MatMul in topological order (the order ONNX stores nodes in):
+    the classifier head's input in the common architectures, already N x F after their Flatten/Reshape."""
+    constant = _constant_tensors(graph)
+    for node in reversed(graph.node):
+        if node.op_type in ("Gemm", "MatMul"):
+            return next((name for name in node.input if name and name not in constant), None)
+    return None
+
+
 class OnnxAdapter(ModelAdapter):
     def __init__(
         self,
@@ -140,7 +169,11 @@ class OnnxAdapter(ModelAdapter):
         output_names: list[str],
         opset: int,
         module: Any | None,
+        model: onnx.ModelProto,
+        embedding_layer: str | None = None,
     ) -> None:
+        """`model` is the graph `session` runs (batch freed where it was): taps add outputs to it.
+        `embedding_layer` names the embedding tensor itself (None: the last Gemm/MatMul's data input)."""
         super().__init__(format="onnx", files=files, capabilities=capabilities, input_spec=input_spec, device=device, notes=notes)
         self.session = session
         self.output_index = output_index
@@ -148,6 +181,54 @@ class OnnxAdapter(ModelAdapter):
         self.output_name = output_names[output_index]
         self.opset = opset
         self._module = module
+        self.model = model
+        self.embedding_layer = embedding_layer
+        self._tensors = list(dict.fromkeys(name for node in model.graph.node for name in node.output if name))
+        self._tensor_set = set(self._tensors)
+        self._embedding = embedding_layer if embedding_layer is not None else classifier_head_input(model.graph)
+        self._tap_sessions: dict[frozenset[str], ort.InferenceSession] = {}
+
+    def _missing_tensor(self, name: str) -> str:
+        return f"no tensor named {name!r} in the ONNX graph ({closest_names(name, self._tensors, 'tensors')})"
+
+    def embedding_source(self) -> str | None:
+        return self._embedding if self.embedding_reason() is None else None
+
+    def embedding_reason(self) -> str | None:
+        if self.embedding_layer is not None and self.embedding_layer not in self._tensor_set:
+            return f"--embedding-layer: {self._missing_tensor(self.embedding_layer)}"
+        if self._embedding is None:
+            return "no Gemm or MatMul classifier head found in the ONNX graph; give --embedding-layer (the embedding tensor's name)"
+        return None
+
+    def layer_reason(self, name: str | None) -> str | None:
+        if name is not None and name not in self._tensor_set:
+            return self._missing_tensor(name)
+        return None
+
+    def _session_with(self, tensors: list[str]) -> ort.InferenceSession:
+        """The plain session, or one (built once per set) whose graph also outputs `tensors`.
+
+        The outputs are appended to the kept ModelProto only while it is serialised, which leaves it as
+        it was without copying the weights; onnxruntime infers the new outputs' types and shapes.
+        """
+        graph_outputs = {o.name for o in self.model.graph.output}
+        extra = [name for name in tensors if name not in graph_outputs]
+        if not extra:
+            return self.session
+        key = frozenset(extra)
+        if key not in self._tap_sessions:
+            outputs = self.model.graph.output
+            outputs.extend(onnx.ValueInfoProto(name=name) for name in extra)
+            try:
+                data = self.model.SerializeToString()
+            finally:
+                del outputs[len(outputs) - len(extra) :]
+            try:
+                self._tap_sessions[key] = _make_session(data, self.session.get_providers())
+            except Exception as exc:  # noqa: BLE001 - whatever onnxruntime says, it is the tap's reason
+                raise TapError(f"taps {', '.join(extra)}: onnxruntime cannot output them ({first_line(exc)})") from None
+        return self._tap_sessions[key]
 
     def describe(self) -> dict[str, Any]:
         info = super().describe()
@@ -159,21 +240,31 @@ class OnnxAdapter(ModelAdapter):
         return self._module
 
     def forward(self, x: np.ndarray, taps: frozenset[str] = frozenset()) -> dict[str, np.ndarray]:
-        unknown = set(taps) - self.supported_taps()
-        if unknown:
-            raise ModelLoadError(f"ONNX models do not provide taps {sorted(unknown)}")
+        self.check_taps(taps)
+        tensors = {t: t[len(LAYER_TAP) :] for t in sorted(taps) if t.startswith(LAYER_TAP)}
+        if EMBEDDING_TAP in taps and self._embedding is not None:
+            tensors[EMBEDDING_TAP] = self._embedding
+        fetch = list(dict.fromkeys([self.output_name, *tensors.values()]))
+        session = self._session_with(fetch[1:])
         feed = to_model_layout(x.astype(np.float32, copy=False), self.input_spec.layout)
         size = self.input_spec.fixed_batch
-        if size is None:
-            return {"output": self.session.run([self.output_name], {self.input_spec.name: feed})[0]}
-        chunks = []
-        for start in range(0, feed.shape[0], size):
-            chunk = feed[start : start + size]
-            real = chunk.shape[0]
-            if real < size:
+        parts: dict[str, list[np.ndarray]] = {name: [] for name in fetch}
+        for start in [0] if size is None else range(0, len(feed), size):
+            chunk = feed if size is None else feed[start : start + size]
+            real = len(chunk)
+            if size is not None and real < size:
                 chunk = np.concatenate([chunk, np.repeat(chunk[-1:], size - real, axis=0)])
-            chunks.append(self.session.run([self.output_name], {self.input_spec.name: chunk})[0][:real])
-        return {"output": np.concatenate(chunks)}
+            for name, value in zip(fetch, session.run(fetch, {self.input_spec.name: chunk}), strict=True):
+                if name != self.output_name and (value.ndim == 0 or value.shape[0] != len(chunk)):
+                    tap = next(t for t, n in tensors.items() if n == name)
+                    raise TapError(f"tap {tap}: tensor {name!r} has shape {value.shape}, whose first dimension is not the batch of {len(chunk)}")
+                parts[name].append(value[:real])
+        values = {name: np.concatenate(chunks) for name, chunks in parts.items()}
+        result = {"output": values[self.output_name]}
+        for tap, name in tensors.items():
+            value = values[name].astype(np.float32, copy=False)
+            result[tap] = value.reshape(len(x), -1) if tap == EMBEDDING_TAP else value
+        return result
 
 
 def build_onnx_adapter(
@@ -181,7 +272,9 @@ def build_onnx_adapter(
     input_spec_override: InputSpec,
     output_name: str | None,
     device: str,
+    embedding_layer: str | None = None,
 ) -> OnnxAdapter:
+    """`embedding_layer` names the embedding tensor itself (None: the data input of the last Gemm/MatMul)."""
     if not path.is_file():
         raise InputError(f"{path}: model file not found")
     try:
@@ -245,11 +338,13 @@ def build_onnx_adapter(
         raise InputError(f"{path}: the ONNX input {graph_input.name!r} has no fixed channel count; give --channels C")
 
     if spec.fixed_batch is not None:
-        session, spec.fixed_batch = _try_free_batch(model, session, spec, dims, providers, notes, output_names[output_index])
+        session, served, spec.fixed_batch = _try_free_batch(model, session, spec, dims, providers, notes, output_names[output_index])
+    else:
+        served = model
 
     files = [ModelFile.of(path)] + [ModelFile.of(f) for f in _external_files(model, path.parent)]
     capabilities, module = _convert(model, session, spec, dims, output_index, device, notes)
-    return OnnxAdapter(session, spec, output_index, files, capabilities, device, notes, output_names, opset, module)
+    return OnnxAdapter(session, spec, output_index, files, capabilities, device, notes, output_names, opset, module, served, embedding_layer)
 
 
 def example_input(spec: InputSpec, batch: int, seed: int = 0) -> np.ndarray:
@@ -267,11 +362,13 @@ def _try_free_batch(
     providers: list[str],
     notes: list[str],
     output: str,
-) -> tuple[ort.InferenceSession, int | None]:
-    """Rewrite a fixed batch dimension to a symbolic one when results stay identical; else keep it."""
+) -> tuple[ort.InferenceSession, onnx.ModelProto, int | None]:
+    """Rewrite a fixed batch dimension to a symbolic one when results stay identical; else keep it.
+    Returns the session, the graph it runs, and the batch size that remains fixed."""
     fixed = spec.fixed_batch
     try:
-        freed = _make_session(_free_batch_dimension(model, spec.name), providers)
+        freed_model = _free_batch_dimension(model, spec.name)
+        freed = _make_session(freed_model, providers)
         x = example_input(spec, fixed + 1) if spec.size else None
         if x is None:
             raise ValueError("input size unknown")
@@ -285,12 +382,12 @@ def _try_free_batch(
         reference = np.concatenate(singles)[: x.shape[0]]
         if batched.shape == reference.shape and np.allclose(batched, reference, rtol=1e-4, atol=1e-5):
             notes.append(f"the file fixes the batch size to {fixed}; rewritten to a free batch dimension (checked against {fixed}-sample runs)")
-            return freed, None
+            return freed, freed_model, None
         reason = "results changed"
     except Exception as exc:  # noqa: BLE001
         reason = f"{first_line(exc)}"
     notes.append(f"the file fixes the batch size to {fixed} and cannot be rewritten ({reason}); running in chunks of {fixed}")
-    return session, fixed
+    return session, model, fixed
 
 
 @dataclass(frozen=True)
@@ -371,7 +468,13 @@ def _convert(
     """onnx2torch conversion, rewritten and upgraded from old opsets if needed, verified against onnxruntime."""
     import torch
 
-    from audit.models.torch_adapter import FixedBatch, InputLayout, SelectOutput, gradient_reason, relu_module_reason
+    from audit.models.torch_adapter import (
+        FixedBatch,
+        InputLayout,
+        SelectOutput,
+        gradient_reason,
+        relu_module_reason,
+    )
 
     def unavailable(reason: str) -> tuple[dict[Capability, str | None], None]:
         notes.append(f"gradient probes unavailable: {reason}")

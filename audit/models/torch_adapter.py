@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 import importlib.util
+import math
 import sys
 import warnings
 from collections.abc import Iterator
@@ -16,10 +17,16 @@ import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from audit.errors import InputError, ModelLoadError, first_line
-from audit.models.base import Capability, InputSpec, ModelAdapter, ModelFile
-
-LAYER_TAP = "layer:"
+from audit.errors import InputError, ModelLoadError, TapError, first_line
+from audit.models.base import (
+    EMBEDDING_TAP,
+    LAYER_TAP,
+    Capability,
+    InputSpec,
+    ModelAdapter,
+    ModelFile,
+    closest_names,
+)
 
 
 class InputLayout(nn.Module):
@@ -82,21 +89,69 @@ class FixedBatch(nn.Module):
         return torch.cat(outputs)
 
 
+WRAPPERS = (InputLayout, SelectOutput, FixedBatch)
+
+
+def user_model(module: nn.Module) -> nn.Module:
+    """The user's model inside the adapter's wrappers: tap names resolve against it, so `fc` means the
+    user's `fc` however many wrappers (each adding an `inner.` prefix) sit around it."""
+    while isinstance(module, WRAPPERS):
+        module = module.inner
+    return module
+
+
+def classifier_head(model: nn.Module) -> str | None:
+    """The name of the last nn.Linear in module order: ResNet's fc, VGG's and MobileNet's classifier[-1].
+    An unflattened torch.export program's submodules are InterpreterModules: it lists its Linears itself."""
+    linears = getattr(model, "_audit_linear_modules", None)
+    for name, m in reversed(list(model.named_modules())):
+        if name and (name in linears if linears is not None else isinstance(m, nn.Linear)):
+            return name
+    return None
+
+
+def _is_linear_type(declared: Any) -> bool:
+    """Whether an nn_module_stack type (a class or its dotted name) is nn.Linear or a subclass; a name
+    is only looked up among modules already imported, so a model file cannot make the audit import code."""
+    if isinstance(declared, str):
+        module_name, _, attr = declared.rpartition(".")
+        declared = getattr(sys.modules.get(module_name), attr, None)
+    return isinstance(declared, type) and issubclass(declared, nn.Linear)
+
+
+def _exported_linears(program: torch.export.ExportedProgram) -> list[str]:
+    """The module paths of the nn.Linear calls in an exported graph, from each node's nn_module_stack."""
+    names: list[str] = []
+    for node in program.graph.nodes:
+        stack = node.meta.get("nn_module_stack") or {}
+        if stack:
+            path, declared = list(stack.values())[-1]
+            if path and _is_linear_type(declared) and path not in names:
+                names.append(path)
+    return names
+
+
 @contextlib.contextmanager
-def layer_taps(module: nn.Module, names: list[str]) -> Iterator[dict[str, torch.Tensor]]:
-    """Capture the outputs of named submodules during a forward pass; hooks always released."""
-    captured: dict[str, torch.Tensor] = {}
-    modules = dict(module.named_modules())
+def module_taps(
+    model: nn.Module, outputs: dict[str, str], inputs: dict[str, str]
+) -> Iterator[dict[str, list[torch.Tensor]]]:
+    """Capture, per tap key, what the named submodule returns (`outputs`) or receives (`inputs`), one
+    tensor per call, since FixedBatch calls the model once per chunk. Hooks are always released."""
+    modules = dict(model.named_modules())
+    captured: dict[str, list[torch.Tensor]] = {key: [] for key in [*outputs, *inputs]}
+
+    def keep(key: str, name: str, value: Any) -> None:
+        value = value[0] if isinstance(value, (tuple, list)) and value else value
+        if not isinstance(value, torch.Tensor):
+            raise TapError(f"tap {key}: module {name!r} passes a {type(value).__name__}, not a tensor")
+        captured[key].append(value.detach())
+
     handles = []
     try:
-        for name in names:
-            if name not in modules:
-                raise InputError(f"layer {name!r} not found in the model (layers: {', '.join(list(modules)[1:8])}, ...)")
-
-            def hook(_m: nn.Module, _inp: Any, out: Any, key: str = name) -> None:
-                captured[key] = (out[0] if isinstance(out, (tuple, list)) else out).detach()
-
-            handles.append(modules[name].register_forward_hook(hook))
+        for key, name in outputs.items():
+            handles.append(modules[name].register_forward_hook(lambda _m, _i, out, k=key, n=name: keep(k, n, out)))
+        for key, name in inputs.items():
+            handles.append(modules[name].register_forward_pre_hook(lambda _m, inp, k=key, n=name: keep(k, n, inp)))
         yield captured
     finally:
         for handle in handles:
@@ -251,28 +306,74 @@ class TorchAdapter(ModelAdapter):
         input_spec: InputSpec,
         device: str,
         notes: list[str] | None = None,
+        embedding_layer: str | None = None,
     ) -> None:
         super().__init__(format=format, files=files, capabilities=capabilities, input_spec=input_spec, device=device, notes=notes or [])
         self.module = module
         self.output_names = ["output"]
         self.output_name = "output"
+        self.embedding_layer = embedding_layer
+        self._names = [name for name, _ in user_model(module).named_modules() if name]
+        self._head = embedding_layer if embedding_layer is not None else classifier_head(user_model(module))
 
     def torch_module(self) -> nn.Module | None:
         return self.module if self.capabilities.get(Capability.GRADIENTS) is None else None
 
+    def _hooks_reason(self) -> str | None:
+        reason = self.capabilities.get(Capability.HOOKS)
+        return None if reason is None else f"taps are read by module hooks: {reason}"
+
+    def _missing_module(self, name: str) -> str:
+        return f"the model has no module named {name!r} ({closest_names(name, self._names, 'modules')})"
+
+    def embedding_source(self) -> str | None:
+        return self._head if self.embedding_reason() is None else None
+
+    def embedding_reason(self) -> str | None:
+        if (reason := self._hooks_reason()) is not None:
+            return reason
+        if self.embedding_layer is not None and self.embedding_layer not in self._names:
+            return f"--embedding-layer: {self._missing_module(self.embedding_layer)}"
+        if self._head is None:
+            return "no nn.Linear classifier head found; give --embedding-layer (the head module, whose input is the embedding)"
+        return None
+
+    def layer_reason(self, name: str | None) -> str | None:
+        if (reason := self._hooks_reason()) is not None:
+            return reason
+        if not self._names:
+            return "the model has no named submodules"
+        if name is not None and name not in self._names:
+            return self._missing_module(name)
+        return None
+
     def forward(self, x: np.ndarray, taps: frozenset[str] = frozenset()) -> dict[str, np.ndarray]:
-        layers = [t[len(LAYER_TAP) :] for t in taps if t.startswith(LAYER_TAP)]
-        if layers and self.capabilities.get(Capability.HOOKS) is not None:
-            raise ModelLoadError(f"layer taps need module hooks: {self.capabilities[Capability.HOOKS]}")
+        self.check_taps(taps)
+        layers = {t: t[len(LAYER_TAP) :] for t in taps if t.startswith(LAYER_TAP)}
+        heads = {EMBEDDING_TAP: self._head} if EMBEDDING_TAP in taps and self._head is not None else {}
         tensor = torch.from_numpy(np.ascontiguousarray(x)).to(self.device)
-        with torch.inference_mode(), layer_taps(self.module, layers) as captured:
+        with torch.inference_mode(), module_taps(user_model(self.module), layers, heads) as captured:
             out = self.module(tensor)
         if isinstance(out, (tuple, list)):
             out = out[0]
         result = {"output": out.float().cpu().numpy()}
-        for name, value in captured.items():
-            result[LAYER_TAP + name] = value.float().cpu().numpy()
+        names = {**layers, **heads}
+        for key, values in captured.items():
+            value = self._batch_of(key, names[key], values, len(x))
+            result[key] = (value.reshape(len(x), -1) if key == EMBEDDING_TAP else value).float().cpu().numpy()
         return result
+
+    def _batch_of(self, key: str, name: str, values: list[torch.Tensor], n: int) -> torch.Tensor:
+        """One tap's captures as an N-row tensor: a FixedBatch model runs once per chunk, the last padded."""
+        size = self.input_spec.fixed_batch
+        calls = 1 if size is None else math.ceil(n / size)
+        if len(values) != calls:
+            ran = "did not run" if not values else f"ran {len(values)} times for {calls} call(s) of the model, so its output is ambiguous"
+            raise TapError(f"tap {key}: module {name!r} {ran}")
+        rows = n if size is None else calls * size
+        if any(v.dim() == 0 for v in values) or sum(v.shape[0] for v in values) != rows:
+            raise TapError(f"tap {key}: module {name!r} gives shape {tuple(values[0].shape)}, whose first dimension is not the batch")
+        return torch.cat(values)[:n]
 
 
 def _example(spec: InputSpec, device: str) -> torch.Tensor:
@@ -287,7 +388,9 @@ def build_torch_adapter(
     weights: Path | None,
     input_spec: InputSpec,
     device: str,
+    embedding_layer: str | None = None,
 ) -> TorchAdapter:
+    """`embedding_layer` names the head module: the embedding is its input (None: the last nn.Linear)."""
     path = Path(model_spec)
     suffix = path.suffix.lower()
     notes: list[str] = []
@@ -338,7 +441,7 @@ def build_torch_adapter(
     named = [n for n, _ in module.named_modules() if n]
     capabilities.setdefault(Capability.NAMED_LAYERS, None if named else "the model has no named submodules")
     capabilities.setdefault(Capability.RELU_MODULES, "not checked: the input size is unknown")
-    return TorchAdapter(module, fmt, [ModelFile.of(f) for f in files], capabilities, input_spec, device, notes)
+    return TorchAdapter(module, fmt, [ModelFile.of(f) for f in files], capabilities, input_spec, device, notes, embedding_layer)
 
 
 def _fit_batch(
@@ -407,6 +510,8 @@ def _load_exported(path: Path) -> tuple[nn.Module, list[Path], dict[Capability, 
         reason = f"the exported graph could not be unflattened into its submodules ({type(exc).__name__})"
         capabilities[Capability.HOOKS] = reason
         capabilities[Capability.RELU_MODULES] = reason
+    else:
+        module._audit_linear_modules = _exported_linears(program)
     try:
         module._audit_batch_hint = int(example_inputs[0][0].shape[0])  # type: ignore[index]
     except Exception:  # noqa: BLE001 - the hint is optional
