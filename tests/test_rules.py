@@ -13,9 +13,19 @@ import pytest
 
 from audit.config import Waiver
 from audit.errors import RuleError
-from audit.rules.catalogue import builtin_rule_files, load_catalogue
-from audit.rules.engine import ProbeState, RuleEngine, render_message
-from audit.rules.schema import load_rule_file, parse_rule
+from audit.findings import (
+    STATUS_ORDER,
+    Finding,
+    Severity,
+    Status,
+    exit_code,
+    sort_findings,
+    verdict,
+)
+from audit.metrics.declarations import ColumnSpec, Declarations, MetricSpec, TableSpec
+from audit.rules.catalogue import FORMAT_GUIDE, builtin_rule_files, load_catalogue
+from audit.rules.engine import ProbeState, RuleEngine, render_message, threshold_text
+from audit.rules.schema import check_rules, load_rule_file, parse_rule
 
 
 def rule(**overrides: Any):  # type: ignore[no-untyped-def]
@@ -208,3 +218,280 @@ def test_engine_imports_no_torch() -> None:
     code = "import sys, audit.rules.engine, audit.rules.catalogue, audit.report.viewmodel; print('torch' in sys.modules)"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "False"
+
+
+def test_info_sorts_after_warn_and_never_changes_verdict_or_exit_code() -> None:
+    assert [s.value for s in STATUS_ORDER] == ["error", "fail", "warn", "info", "waived", "skipped", "pass"]
+
+    def f(status: str, severity: str, rule_id: str = "r", scope: str = "global") -> dict[str, Any]:
+        return {"status": status, "severity": severity, "rule": rule_id, "scope": scope}
+
+    findings = [f("pass", "info"), f("info", "info"), f("warn", "low"), f("warn", "high", "b"), f("warn", "high", "a"), f("error", "low")]
+    assert [(x["status"], x["severity"], x["rule"]) for x in sort_findings(findings)] == [
+        ("error", "low", "r"), ("warn", "high", "a"), ("warn", "high", "b"), ("warn", "low", "r"), ("info", "info", "r"), ("pass", "info", "r")]
+    assert verdict([f("info", "info"), f("pass", "info")]) == "PASS"
+    assert verdict([f("info", "info"), f("warn", "low")]) == "PASS WITH WARNINGS"
+    assert verdict([f("fail", "low"), f("error", "low")]) == "ERROR"
+    assert exit_code([f("info", "info")], "info") == 0
+    assert exit_code([f("fail", "medium")], "high") == 0 and exit_code([f("fail", "high")], "high") == 1
+    assert exit_code([f("error", "critical")], "never") == 0
+    typed = Finding(rule="r", title="t", status=Status.FAIL, severity=Severity.HIGH, scope="global", metric="m.x", message="m")
+    assert verdict([typed]) == "FAIL" and exit_code([typed], "high") == 1 and sort_findings([typed]) == [typed]
+
+
+def test_findings_serialise_as_before_unless_a_bound_decided() -> None:
+    plain = Finding(rule="r", title="t", status=Status.FAIL, severity=Severity.HIGH, scope="global", metric="m.x", message="m")
+    assert "bound" not in plain.model_dump(mode="json") and plain.model_dump(mode="json")["status"] == "fail"
+    assert plain.model_copy(update={"bound": "lo"}).model_dump(mode="json")["bound"] == "lo"
+
+
+def _golden_findings(root: Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    import json
+
+    from audit.findings import sort_findings
+
+    results = json.loads((root / "results.json").read_text())
+
+    def table(name: str) -> pd.DataFrame | None:
+        path = root / "samples" / f"{name}.parquet"
+        return pd.read_parquet(path) if path.exists() else None
+
+    states = {name: ProbeState(p["status"], p.get("error") or p.get("reason")) for name, p in results["probes"].items()}
+    rules = load_catalogue()
+    stored = {r["id"]: {k: v for k, v in r.items() if k != "source"} for r in results["rules"]}
+    assert [{k: v for k, v in r.public_dict().items() if k != "source"} for r in rules] == [stored[r.id] for r in rules]
+    found = RuleEngine(results["metrics"], table, states).evaluate(rules)
+    return sort_findings([f.model_dump(mode="json") for f in found]), results["findings"]
+
+
+@pytest.mark.parametrize("run", ["golden-demo-smoke", "run-schema-1.0"])
+def test_bundled_rules_give_the_findings_recorded_before_the_schema_grew(run: str) -> None:
+    found, recorded = _golden_findings(Path(__file__).parent / "fixtures" / run)
+    assert found == recorded
+
+
+RECALLS = {
+    "predictions.recall@class:wolf": 0.4, "predictions.recall@class:wolf:n": 30,
+    "predictions.recall@class:husky": 0.9, "predictions.recall@class:husky:n": 30,
+    "predictions.recall@domain:data/class:wolf": 0.2, "predictions.recall@domain:data/class:wolf:n": 30,
+    "predictions.recall@domain:sim/class:wolf": 0.8, "predictions.recall@domain:sim/class:wolf:n": 5,
+}
+
+
+def test_per_lists_several_scope_kinds_evaluated_in_turn() -> None:
+    spec = rule(metric="predictions.recall", aggregate={"per": ["class", "domain_class"]}, message="{scope}: {value:.0%}")
+    assert spec.aggregate.kinds == ("class", "domain/class") and spec.public_dict()["aggregate"]["per"] == ["class", "domain/class"]
+    findings = RuleEngine(RECALLS, lambda _: None, OK).evaluate([spec])
+    assert [(f.scope, f.status) for f in findings] == [
+        ("class:husky", "pass"), ("class:wolf", "fail"), ("domain:data/class:wolf", "fail"), ("domain:sim/class:wolf", "skipped")]
+    assert findings[2].message == "domain data, class wolf: 20%"
+    (missing_kind,) = [f for f in RuleEngine(RECALLS, lambda _: None, OK).evaluate([rule(metric="predictions.recall", aggregate={"per": ["class", "method"]})])
+                       if f.scope.startswith("per ")]
+    assert missing_kind.scope == "per method" and missing_kind.status == "skipped"
+    (not_run,) = RuleEngine(RECALLS, lambda _: None, {}).evaluate([spec])
+    assert not_run.scope == "per class, domain/class"
+    assert rule(aggregate={"per": "domain_class"}).aggregate.per == "domain/class"  # a single kind stays a string
+    for per, words in (([], "at least one scope kind"), (["class", "class"], "twice"), (["class", "galaxy"], "'galaxy'")):
+        with pytest.raises(RuleError, match="key 'aggregate.per'") as exc:
+            rule(aggregate={"per": per})
+        assert words in str(exc.value)
+
+
+def test_a_rule_without_thresholds_informs_without_judging() -> None:
+    spec = rule(metric="predictions.recall", aggregate={"per": "class"}, thresholds=None, message="{class}: {value:.0%} ({status})",
+                evidence={"column": "predictions.error_confidence"})
+    assert spec.public_dict()["thresholds"] == []  # results.json requires the key
+    assert spec.thresholds is None and not spec.judges and spec.top_severity == "info"
+    findings = RuleEngine(RECALLS, per_sample_table, OK).evaluate([spec])
+    assert [(f.scope, f.status, f.severity, f.message) for f in findings] == [
+        ("class:husky", "info", "info", "husky: 90% (info)"), ("class:wolf", "info", "info", "wolf: 40% (info)")]
+    assert findings[1].evidence == ["a", "c"] and findings[1].threshold is None
+    assert verdict([f.model_dump(mode="json") for f in findings]) == "PASS"
+
+
+def test_info_thresholds_note_a_value() -> None:
+    spec = rule(metric="predictions.recall", aggregate={"per": "class"}, thresholds=[
+        {"op": "lt", "value": 0.5, "status": "fail", "severity": "high"}, {"op": "lt", "value": 0.95, "status": "info"}])
+    assert spec.thresholds[1].severity == "info" and spec.judges and spec.top_severity == "high"
+    findings = {f.scope: f for f in RuleEngine(RECALLS, lambda _: None, OK).evaluate([spec])}
+    assert (findings["class:wolf"].status, findings["class:husky"].status, findings["class:husky"].threshold) == ("fail", "info", 0.95)
+    for threshold, words in (({"op": "lt", "value": 1, "status": "info", "severity": "high"}, "severity info"),
+                             ({"op": "lt", "value": 1, "status": "warn"}, "needs a severity"),
+                             ({"op": "lt", "value": 1, "status": "fail", "severity": "info"}, "needs a severity"),
+                             ({"op": "lt", "value": 1, "status": "pass", "severity": "low"}, "must be one of fail, warn, info")):
+        with pytest.raises(RuleError, match=r"key 'thresholds\.0") as exc:
+            rule(thresholds=[threshold])
+        assert words in str(exc.value)
+
+
+def test_evidence_limit_up_to_a_thousand() -> None:
+    assert rule(evidence={"column": "predictions.error_confidence", "limit": 1000}).evidence.limit == 1000
+    with pytest.raises(RuleError, match=r"^test\.yaml: key 'evidence\.limit': .*1000"):
+        rule(evidence={"column": "predictions.error_confidence", "limit": 1001})
+    ids = [f"s{i:04d}" for i in range(1200)]
+    table = pd.DataFrame({"id": ids, "class": "wolf", "domain": "sim", "error_confidence": [i / 1200 for i in range(1200)]})
+    spec = rule(metric="predictions.recall", aggregate={"per": "class"},
+                evidence={"column": "predictions.error_confidence", "order": "desc", "limit": 1000})
+    (finding,) = RuleEngine({"predictions.recall@class:wolf": 0.1, "predictions.recall@class:wolf:n": 30},
+                            lambda name: table if name == "predictions" else None, OK).evaluate([spec])
+    assert len(finding.evidence) == 1000 and finding.evidence[0] == "s1199"
+
+
+GAPS = {
+    "predictions.accuracy_gap@domain:data": 0.08, "predictions.accuracy_gap@domain:data:n": 40,
+    "predictions.accuracy_gap@domain:data:lo": 0.06, "predictions.accuracy_gap@domain:data:hi": 0.10,
+    "predictions.accuracy_gap@domain:field": 0.09, "predictions.accuracy_gap@domain:field:n": 40,
+    "predictions.accuracy_gap@domain:field:lo": 0.01, "predictions.accuracy_gap@domain:field:hi": 0.17,
+    "predictions.accuracy_gap@domain:lab": 0.09, "predictions.accuracy_gap@domain:lab:n": 40,
+    "predictions.accuracy@domain:data": 0.81, "predictions.accuracy@domain:data:n": 40,
+    "predictions.accuracy@domain:field": 0.8, "predictions.accuracy@domain:field:n": 40,
+    "predictions.convention": 1.0, "predictions.convention:n": 100,
+}
+
+
+def gap_rule(**overrides: Any):  # type: ignore[no-untyped-def]
+    data = dict(metric="predictions.accuracy_gap", aggregate={"per": "domain"}, thresholds=[
+        {"op": "gt", "value": 0.05, "bound": "lo", "status": "fail", "severity": "high"},
+        {"op": "gt", "value": 0.05, "status": "warn", "severity": "medium"}])
+    return rule(**{**data, **overrides})
+
+
+def test_thresholds_can_judge_an_interval_bound() -> None:
+    findings = {f.scope: f for f in RuleEngine(GAPS, lambda _: None, OK).evaluate([gap_rule()])}
+    data, field, lab = findings["domain:data"], findings["domain:field"], findings["domain:lab"]
+    assert (data.status, data.bound, data.value) == ("fail", "lo", 0.08)  # the whole interval is above 5 points
+    assert (field.status, field.bound) == ("warn", None)  # the point estimate is above, the interval is not clear of noise
+    assert lab.status == "skipped" and "lower bound of predictions.accuracy_gap is not in this run" in lab.message
+    assert "bound" in data.model_dump(mode="json") and "bound" not in field.model_dump(mode="json")
+    upper = gap_rule(thresholds=[{"op": "lt", "value": 0.12, "bound": "hi", "status": "fail", "severity": "low"}])
+    assert {f.scope: f.status for f in RuleEngine(GAPS, lambda _: None, OK).evaluate([upper])} == {
+        "domain:data": "fail", "domain:field": "pass", "domain:lab": "skipped"}
+    assert threshold_text("gt", 0.05, bound="lo") == "lower bound > 0.05" and threshold_text("gt", 0.05) == "> 0.05"
+    with pytest.raises(RuleError, match="key 'thresholds': a bound is judged on a metric's interval"):
+        rule(metric="background.outside_ratio", aggregate={"per": "class", "stat": "mean"},
+             thresholds=[{"op": "gt", "value": 1, "bound": "lo", "status": "fail", "severity": "high"}])
+    with pytest.raises(RuleError, match=r"key 'thresholds\.0\.bound'"):
+        gap_rule(thresholds=[{"op": "gt", "value": 1, "bound": "mid", "status": "fail", "severity": "high"}])
+
+
+def test_values_and_interval_bounds_fill_message_and_remedy() -> None:
+    spec = gap_rule(values={"accuracy": "predictions.accuracy", "convention": "predictions.convention", "gap_lo": "predictions.accuracy_gap:lo"},
+                    message="{domain}: {value:.0%} [{lo:.0%}, {hi:.0%}] lo again {gap_lo:.0%}, accuracy {accuracy:.0%}",
+                    remedy="use convention {convention:.0f} on {domain}")
+    findings = {f.scope: f for f in RuleEngine(GAPS, lambda _: None, OK).evaluate([spec])}
+    assert findings["domain:data"].message == "data: 8% [6%, 10%] lo again 6%, accuracy 81%"
+    assert findings["domain:data"].remedy == "use convention 1 on data"  # a run-level metric is quoted at any scope
+    assert findings["domain:field"].message == "field: 9% [1%, 17%] lo again 1%, accuracy 80%"
+    other_scope_only = gap_rule(values={"accuracy": "predictions.accuracy"}, message="{accuracy}")
+    lab = {f.scope: f for f in RuleEngine({**GAPS, "predictions.accuracy_gap@domain:lab:lo": 0.0}, lambda _: None, OK).evaluate([other_scope_only])}
+    assert lab["domain:lab"].message == "n/a"  # never another domain's accuracy
+    for values, message, words in (({"value": "predictions.accuracy"}, "m", "must be a new placeholder name"),
+                                   ({"better": "Accuracy"}, "m", "must be a metric name"),
+                                   ({"better": "predictions.accuracy:mid"}, "m", "must be a metric name"),
+                                   ({"better": "predictions.accuracy"}, "{worse}", "unknown placeholder {worse}")):
+        with pytest.raises(RuleError, match="key '(values|message)'") as exc:
+            rule(values=values, message=message)
+        assert words in str(exc.value)
+    with pytest.raises(RuleError, match=r"key 'remedy': unknown placeholder \{colour\}"):
+        rule(remedy="paint it {colour}")
+
+
+DECLARED = Declarations()
+DECLARED.add("manifest", [MetricSpec("manifest.skipped_fraction", ("global",), "percent", "skipped share")])
+DECLARED.add("predictions", [
+    MetricSpec("predictions.accuracy", ("global", "domain"), "percent", "accuracy", interval=True),
+    MetricSpec("predictions.accuracy_gap", ("domain",), "percent", "gap", interval=True),
+    MetricSpec("predictions.recall", ("class", "domain/class"), "percent", "recall", interval=True),
+    MetricSpec("predictions.support", ("class",), "count", "labelled samples"),
+], [TableSpec("predictions", "map", "per sample", (ColumnSpec("error_confidence", "percent", "wrong and sure"),))])
+DECLARED.add("background", [], [TableSpec("background", "detail", "per sample", (ColumnSpec("outside_ratio", "ratio", "outside"),))])
+
+
+@pytest.mark.parametrize(
+    ("change", "words"),
+    [
+        ({"metric": "predictions.recal", "aggregate": {"per": "class"}}, "metric: 'predictions.recal' is not declared by any probe (closest: predictions.recall"),
+        ({"metric": "background.outside_ration", "aggregate": {"per": "class", "stat": "mean"}},
+         "metric: 'background.outside_ration' is not declared by any probe as a table column (closest: background.outside_ratio)"),
+        ({"evidence": {"column": "predictions.error_confidenc"}}, "evidence.column: 'predictions.error_confidenc' is not declared"),
+        ({"values": {"s": "predictions.suport"}}, "values.s: 'predictions.suport' is not declared by any probe (closest: predictions.support)"),
+        ({"values": {"s": "predictions.support:lo"}}, "values.s: 'predictions.support' is declared without an interval"),
+        ({"metric": "predictions.support", "aggregate": {"per": "class"},
+          "thresholds": [{"op": "lt", "value": 1, "bound": "hi", "status": "fail", "severity": "low"}]}, "thresholds.0.bound: 'predictions.support'"),
+        ({"aggregate": {"per": ["global", "class"]}}, "aggregate.per: 'predictions.accuracy' is not reported per class (it is per global, domain)"),
+        ({"metric": "predictions.zzzz"}, "(no declared name is close)"),
+    ],
+)
+def test_check_rules_names_file_key_and_closest_declared_name(change: dict[str, Any], words: str) -> None:
+    check_rules([rule()], DECLARED)
+    with pytest.raises(RuleError) as exc:
+        check_rules([rule(**change)], DECLARED)
+    assert str(exc.value).startswith("test.yaml: ") and words in str(exc.value) and "\n" not in str(exc.value)
+
+
+def test_loaders_check_when_given_declarations(tmp_path: Path) -> None:
+    path = tmp_path / "two.yaml"
+    path.write_text(
+        "- {schema: model-audit/rule/v1, id: a, title: A, metric: predictions.acuracy, message: m, remedy: r}\n"
+        "- {schema: model-audit/rule/v1, id: b, title: B, metric: predictions.recal, aggregate: {per: class}, message: m, remedy: r}\n")
+    assert len(load_rule_file(path)) == 2
+    with pytest.raises(RuleError, match=r"two\.yaml: metric: 'predictions\.acuracy' .*closest: predictions\.accuracy.*\(and 1 more problem\)$"):
+        load_rule_file(path, DECLARED)
+    full = Declarations(metrics={**DECLARED.metrics}, columns={**DECLARED.columns}, owner={**DECLARED.owner})
+    for spec in load_catalogue():  # declare whatever the bundled rules read that DECLARED lacks
+        if not spec.aggregate.stat and spec.metric not in full.metrics:
+            full.add(spec.probe, [MetricSpec(spec.metric, spec.aggregate.kinds, "number", "x")])
+        for ref in ([spec.metric] if spec.aggregate.stat else []) + ([spec.evidence.column] if spec.evidence else []):
+            table, _, column = ref.partition(".")
+            full.add(table, tables=[TableSpec(table, "map", "t", (ColumnSpec(column, "number", "c"),))])
+    with pytest.raises(RuleError, match="two.yaml: metric"):
+        load_catalogue([path], declared=full)
+    overridden = load_catalogue(overrides={"class-recall-floor": {"thresholds": [
+        {"op": "lt", "value": 0.5, "bound": "hi", "status": "fail", "severity": "high"}]}}, declared=full)
+    assert any(r.id == "class-recall-floor" for r in overridden)
+    assert load_catalogue(declared=full)  # every bundled rule passes once its names are declared
+    with pytest.raises(RuleError, match=r"samples-skipped\.yaml \(overridden in the config\): thresholds\.0\.bound: .*without an interval"):
+        load_catalogue(overrides={"samples-skipped": {"thresholds": [
+            {"op": "lt", "value": 0.5, "bound": "hi", "status": "fail", "severity": "high"}]}}, declared=full)
+
+
+def test_rules_check_cli_exits_2_with_file_key_and_closest_name(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                capsys: pytest.CaptureFixture[str]) -> None:
+    import audit.cli
+
+    good, bad = tmp_path / "good.yaml", tmp_path / "bad.yaml"
+    good.write_text("schema: model-audit/rule/v1\nid: good\ntitle: G\nmetric: predictions.recall\naggregate: {per: [class, domain/class]}\n"
+                    "message: m\nremedy: r\n")
+    bad.write_text("schema: model-audit/rule/v1\nid: bad\ntitle: B\nmetric: predictions.recal\naggregate: {per: class}\n"
+                   "thresholds: [{op: lt, value: 0.5, status: fail, severity: high}]\nmessage: m\nremedy: r\n")
+    monkeypatch.setattr(audit.cli, "declared_metrics", lambda: DECLARED)
+    assert audit.cli.main(["rules", "check", str(good)]) == 0
+    assert "good.yaml: 1 rule(s) valid" in capsys.readouterr().out
+    assert audit.cli.main(["rules", "check", str(good), str(bad)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"model-audit: error: {bad}: metric: 'predictions.recal' is not declared by any probe (closest: predictions.recall)"
+
+
+def test_the_format_guide_example_is_a_valid_rule() -> None:
+    import yaml
+
+    text = FORMAT_GUIDE.split("```yaml\n", 1)[1].split("```", 1)[0]
+    spec = parse_rule(yaml.safe_load(text), "guide")
+    check_rules([spec], DECLARED)
+    assert [t.status for t in spec.thresholds] == ["fail", "warn", "info"] and spec.thresholds[0].bound == "lo"
+    findings = {f.scope: f for f in RuleEngine(GAPS, lambda _: None, OK).evaluate([spec])}
+    assert findings["domain:data"].message == "data: accuracy 81.0%, 8.0% below the reference domain's (interval 6.0% to 10.0%)"
+
+
+def test_rule_listings_show_the_new_keys(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    from audit.cli import main, rules_markdown
+
+    spec = gap_rule(id="gap", values={"accuracy": "predictions.accuracy"}, aggregate={"per": ["domain", "global"]})
+    text = rules_markdown([spec, rule(id="note", thresholds=None)])
+    assert "- fail (high) if lower bound > 0.05" in text and "per domain, global;" in text and "- quotes `{accuracy}`: `predictions.accuracy`" in text
+    assert "- info for every scope: informs, never judged" in text
+    path = tmp_path / "note.yaml"
+    path.write_text("schema: model-audit/rule/v1\nid: note\ntitle: N\nmetric: predictions.recall\naggregate: {per: [class, domain/class]}\n"
+                    "message: m\nremedy: r\n")
+    assert main(["rules", "list", "--rules", str(path)]) == 0
+    assert "metric predictions.recall per class, domain/class, min_support 1: info, never judged" in capsys.readouterr().out

@@ -1,4 +1,8 @@
-"""junit.xml: one test case per finding, so CI systems show the audit like a test run."""
+"""junit.xml: one test case per finding, so CI systems show the audit like a test run.
+
+fail is a failure and error an error; skipped and waived are skipped cases; warn and info pass,
+with their text in system-out, because neither blocks a merge.
+"""
 
 from __future__ import annotations
 
@@ -6,16 +10,18 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 from typing import Any
 
+from audit.findings import Status, count_by_status
+
 
 def junit_xml(results: dict[str, Any]) -> bytes:
     findings = results["findings"]
-    counts = {s: sum(1 for f in findings if f["status"] == s) for s in ("fail", "error", "skipped", "waived")}
+    counts = count_by_status(findings)
     suite = ET.Element("testsuite", {
         "name": "model-audit",
         "tests": str(len(findings)),
-        "failures": str(counts["fail"]),
-        "errors": str(counts["error"]),
-        "skipped": str(counts["skipped"] + counts["waived"]),
+        "failures": str(counts[Status.FAIL]),
+        "errors": str(counts[Status.ERROR]),
+        "skipped": str(counts[Status.SKIPPED] + counts[Status.WAIVED]),
         "time": f"{results['run']['seconds']:.3f}",
         "timestamp": results["run"]["started"],
     })
@@ -28,17 +34,20 @@ def junit_xml(results: dict[str, Any]) -> bytes:
         text = f"{f['message']}\nseverity: {f['severity']}\nremedy: {f.get('remedy', '')}"
         if f.get("evidence"):
             text += "\nevidence: " + ", ".join(f["evidence"])
-        if f["status"] == "fail":
+        status = Status(f["status"])
+        if status is Status.FAIL:
             node = ET.SubElement(case, "failure", {"message": f"[{f['severity']}] {f['title']}: {f['message']}", "type": f["severity"]})
             node.text = text
-        elif f["status"] == "error":
+        elif status is Status.ERROR:
             node = ET.SubElement(case, "error", {"message": f["message"], "type": "probe-error"})
             node.text = text
-        elif f["status"] in ("skipped", "waived"):
-            reason = f["message"] if f["status"] == "skipped" else f"waived by {f['waiver']['by']}: {f['waiver']['reason']}"
+        elif status in (Status.SKIPPED, Status.WAIVED):
+            reason = f["message"] if status is Status.SKIPPED else f"waived by {f['waiver']['by']}: {f['waiver']['reason']}"
             ET.SubElement(case, "skipped", {"message": reason})
-        elif f["status"] == "warn":
+        elif status is Status.WARN:
             ET.SubElement(case, "system-out").text = f"WARNING [{f['severity']}] {text}"
+        elif status is Status.INFO:
+            ET.SubElement(case, "system-out").text = f"INFO {text}"
     ET.indent(suite)
     return ET.tostring(suite, encoding="utf-8", xml_declaration=True)
 

@@ -2,7 +2,8 @@
 
 A rule reads either a precomputed metric (`predictions.recall@class:wolf`) or, with
 `aggregate.stat`, a per-sample column aggregated per scope (`background.outside_ratio`, mean per
-class). A scope with fewer samples than `min_support` is skipped, never passed or failed.
+class), once for each scope kind it lists. A scope with fewer samples than `min_support` is
+skipped, never passed or failed; a rule without thresholds reports `info` for every other scope.
 """
 
 from __future__ import annotations
@@ -15,38 +16,16 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-from pydantic import BaseModel, Field
 
+from audit.findings import JUDGED, Finding, Severity, Status
 from audit.metrics.names import display_scope, parse_key, parse_scope, scope, scope_kind
 from audit.rules.ops import STATISTICS, SYMBOLS, compare, worse_direction
-from audit.rules.schema import FindingSeverity, RuleSpec, Status
+from audit.rules.schema import BOUND_TEXT, RuleSpec, Threshold
+
+__all__ = ["Finding", "MetricIndex", "ProbeState", "RuleEngine", "ScopedValue", "apply_waivers", "render_message", "threshold_text"]
 
 RUN_LEVEL_PREFIXES = ("manifest",)
 _SCOPE_COLUMNS = {"class": "class", "domain": "domain", "method": "method", "layer": "layer", "pair": "pair"}
-
-
-class Finding(BaseModel):
-    rule: str
-    rule_version: int = 1
-    title: str
-    status: Status
-    severity: FindingSeverity
-    scope: str
-    metric: str
-    value: float | None = None
-    threshold: float | list[float] | None = None
-    op: str | None = None
-    n: int = 0
-    message: str
-    remedy: str = ""
-    evidence: list[str] = Field(default_factory=list)
-    waiver: dict[str, Any] | None = None
-    waived_status: Status | None = None
-
-    @property
-    def key(self) -> str:
-        """Findings are identified across runs by rule + scope."""
-        return f"{self.rule}|{self.scope}"
 
 
 @dataclass
@@ -80,6 +59,16 @@ class MetricIndex:
 
     def scoped(self, name: str, per: str) -> dict[str, ScopedValue]:
         return {s: v for s, v in self._by_name.get(name, {}).items() if scope_kind(s) == per}
+
+    def lookup(self, ref: str, scope_text: str) -> float | None:
+        """`<metric>[:lo|:hi|:n]` at this scope; a metric reported only globally is read globally,
+        so a per-class rule can quote a run-level number but never another scope's value."""
+        name, _, suffix = ref.partition(":")
+        scopes = self._by_name.get(name, {})
+        sv = scopes.get(scope_text) or (scopes.get("global") if set(scopes) == {"global"} else None)
+        if sv is None:
+            return None
+        return {"": sv.value, "lo": sv.lo, "hi": sv.hi, "n": sv.n}[suffix]
 
 
 class _SafeFormatter(string.Formatter):
@@ -130,42 +119,59 @@ class RuleEngine:
     def evaluate_rule(self, rule: RuleSpec) -> list[Finding]:
         state = ProbeState("ok") if rule.probe in RUN_LEVEL_PREFIXES else self.probes.get(rule.probe)
         if state is None:
-            return [self._blank(rule, "skipped", f"the {rule.probe} probe was not run in this audit")]
+            return [self._blank(rule, Status.SKIPPED, f"the {rule.probe} probe was not run in this audit")]
         if state.status == "error":
-            return [self._blank(rule, "error", f"the {rule.probe} probe failed: {state.reason}")]
+            return [self._blank(rule, Status.ERROR, f"the {rule.probe} probe failed: {state.reason}")]
         if state.status == "skipped":
-            return [self._blank(rule, "skipped", f"the {rule.probe} probe was skipped: {state.reason}")]
-        values = self._sample_values(rule) if rule.aggregate.stat else self.index.scoped(rule.metric, rule.aggregate.per)
-        if not values:
-            return [self._blank(rule, "skipped", f"no values for {rule.metric} per {rule.aggregate.per} in this run")]
-        return [self._judge(rule, scope_text, values[scope_text]) for scope_text in sorted(values)]
+            return [self._blank(rule, Status.SKIPPED, f"the {rule.probe} probe was skipped: {state.reason}")]
+        findings: list[Finding] = []
+        for per in rule.aggregate.kinds:
+            values = self._sample_values(rule, per) if rule.aggregate.stat else self.index.scoped(rule.metric, per)
+            if not values:
+                findings.append(self._blank(rule, Status.SKIPPED, f"no values for {rule.metric} per {per} in this run", (per,)))
+            findings.extend(self._judge(rule, scope_text, values[scope_text]) for scope_text in sorted(values))
+        return findings
 
-    def _blank(self, rule: RuleSpec, status: Status, message: str) -> Finding:
-        severity = rule.top_severity if status == "error" else "info"
-        per = rule.aggregate.per
+    def _blank(self, rule: RuleSpec, status: Status, message: str, kinds: tuple[str, ...] | None = None) -> Finding:
+        """A finding for a rule (or one of its scope kinds) that produced no value to judge."""
+        severity = rule.top_severity if status is Status.ERROR else Severity.INFO
+        kinds = kinds or rule.aggregate.kinds
         return Finding(rule=rule.id, rule_version=rule.version, title=rule.title, status=status, severity=severity,
-                       scope="global" if per == "global" else f"per {per}", metric=rule.metric, message=message, remedy=rule.remedy)
+                       scope="global" if kinds == ("global",) else "per " + ", ".join(kinds), metric=rule.metric, message=message,
+                       remedy=render_message(rule.remedy, metric=rule.metric, rule=rule.id, status=status, min_support=rule.min_support))
 
     def _judge(self, rule: RuleSpec, scope_text: str, sv: ScopedValue) -> Finding:
         n = sv.n if sv.n is not None else 0
         fields = {"scope": display_scope(scope_text), "value": sv.value, "n": n, "metric": rule.metric, "rule": rule.id,
-                  "min_support": rule.min_support, **parse_scope(scope_text)}
+                  "min_support": rule.min_support, "lo": sv.lo, "hi": sv.hi, **parse_scope(scope_text),
+                  **{name: self.index.lookup(ref, scope_text) for name, ref in (rule.values or {}).items()}}
         base = dict(rule=rule.id, rule_version=rule.version, title=rule.title, scope=scope_text, metric=rule.metric,
-                    value=sv.value, n=n, remedy=rule.remedy)
+                    value=sv.value, n=n, remedy=render_message(rule.remedy, **fields))
         if sv.n is None or n < rule.min_support:
-            return Finding(**base, status="skipped", severity="info",
+            return Finding(**base, status=Status.SKIPPED, severity=Severity.INFO,
                            message=f"{display_scope(scope_text)}: only {n} samples; this rule needs at least {rule.min_support}")
-        hit = next((t for t in rule.thresholds if compare(t.op, sv.value, t.value)), None)
+        if not rule.thresholds:
+            fields["status"] = Status.INFO
+            return Finding(**base, status=Status.INFO, severity=Severity.INFO, message=render_message(rule.message, **fields),
+                           evidence=self._evidence(rule, scope_text))
+        hit: Threshold | None = None
+        for threshold in rule.thresholds:
+            if threshold.bound is not None and getattr(sv, threshold.bound) is None:
+                return Finding(**base, status=Status.SKIPPED, severity=Severity.INFO,
+                               message=f"{display_scope(scope_text)}: the {BOUND_TEXT[threshold.bound]} of {rule.metric} "
+                                       "is not in this run, and this rule judges it")
+            if compare(threshold.op, sv.value if threshold.bound is None else getattr(sv, threshold.bound), threshold.value):
+                hit = threshold
+                break
         limit = hit or rule.thresholds[-1]
         fields["threshold"] = limit.value
-        fields["status"] = hit.status if hit else "pass"
-        evidence = self._evidence(rule, scope_text) if hit else []
+        fields["status"] = hit.status if hit else Status.PASS
+        decided = dict(threshold=limit.value, op=limit.op, bound=limit.bound)
         if hit is None:
-            template = rule.pass_message or rule.message
-            return Finding(**base, status="pass", severity="info", threshold=limit.value, op=limit.op,
-                           message=render_message(template, **fields), evidence=evidence)
-        return Finding(**base, status=hit.status, severity=hit.severity, threshold=hit.value, op=hit.op,
-                       message=render_message(rule.message, **fields), evidence=evidence)
+            return Finding(**base, **decided, status=Status.PASS, severity=Severity.INFO,
+                           message=render_message(rule.pass_message or rule.message, **fields))
+        return Finding(**base, **decided, status=hit.status, severity=hit.severity, message=render_message(rule.message, **fields),
+                       evidence=self._evidence(rule, scope_text))
 
     def _table(self, name: str) -> pd.DataFrame | None:
         """A per-sample table with `class` and `domain` columns (joined from predictions if absent)."""
@@ -189,8 +195,8 @@ class RuleEngine:
             return None
         return table, column, keys
 
-    def _sample_values(self, rule: RuleSpec) -> dict[str, ScopedValue]:
-        grouped = self._grouped(rule.metric, rule.aggregate.per)
+    def _sample_values(self, rule: RuleSpec, per: str) -> dict[str, ScopedValue]:
+        grouped = self._grouped(rule.metric, per)
         if grouped is None:
             return {}
         table, column, keys = grouped
@@ -210,7 +216,7 @@ class RuleEngine:
         if spec is None and rule.aggregate.stat is None:
             return []
         column_ref = spec.column if spec else rule.metric
-        order = spec.order if spec else worse_direction(rule.thresholds[0].op)
+        order = spec.order if spec else worse_direction(rule.thresholds[0].op) if rule.thresholds else "desc"
         limit = spec.limit if spec else 8
         per = scope_kind(scope_text)
         grouped = self._grouped(column_ref, "global" if per == "global" else per)
@@ -246,10 +252,10 @@ def apply_waivers(findings: list[Finding], waivers: Iterable[Any], today: dt.dat
     out = []
     for finding in findings:
         match = next((w for w in active if w.rule == finding.rule and w.scope in (finding.scope, "*")), None)
-        if match is not None and finding.status in ("warn", "fail"):
+        if match is not None and finding.status in JUDGED:
             finding = finding.model_copy(update={
                 "waived_status": finding.status,
-                "status": "waived",
+                "status": Status.WAIVED,
                 "waiver": {"by": match.by, "reason": match.reason, "expires": str(match.expires) if match.expires else None},
             })
         out.append(finding)
@@ -257,10 +263,11 @@ def apply_waivers(findings: list[Finding], waivers: Iterable[Any], today: dt.dat
 
 
 def threshold_text(op: str | None, threshold: float | list[float] | None,
-                   fmt: Callable[[float], str] = lambda v: f"{v:.3g}") -> str:
-    """'< 70.0%' / 'in [0.1, 0.2]' for reports and listings."""
+                   fmt: Callable[[float], str] = lambda v: f"{v:.3g}", bound: str | None = None) -> str:
+    """'< 70.0%' / 'in [0.1, 0.2]' / 'lower bound > 5.0%' for reports and listings."""
     if op is None or threshold is None:
         return ""
+    prefix = f"{BOUND_TEXT[bound]} " if bound else ""
     if isinstance(threshold, list):
-        return f"{SYMBOLS[op]} [{fmt(threshold[0])}, {fmt(threshold[1])}]"
-    return f"{SYMBOLS[op]} {fmt(threshold)}"
+        return f"{prefix}{SYMBOLS[op]} [{fmt(threshold[0])}, {fmt(threshold[1])}]"
+    return f"{prefix}{SYMBOLS[op]} {fmt(threshold)}"
