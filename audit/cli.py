@@ -10,11 +10,14 @@ import argparse
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from audit import __version__
 from audit.errors import AuditError, InputError, first_line
 from audit.execution.allocator import advise_huge_pages
+
+if TYPE_CHECKING:
+    from audit.metrics.declarations import Declarations
 
 EXIT_OK, EXIT_FINDINGS, EXIT_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
 
@@ -49,6 +52,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--output-kind", choices=["auto", "logits", "probabilities", "sigmoid"],
                      help="how to read the output; auto recognises probabilities and single sigmoid outputs (default auto)")
     run.add_argument("--output-name", help="which ONNX output to audit when there are several")
+    run.add_argument("--embedding-layer", metavar="NAME",
+                     help="where the embedding tap reads: the classifier head module (torch; its input is the embedding) "
+                          "or the embedding tensor (ONNX); default: found from the last linear layer")
     run.add_argument("--data-root", type=Path, action="append", help="extra folder sample paths may point into (repeatable)")
     run.add_argument("--probes", type=_csv, metavar="NAME,...", help="probes to run (default: all); see `model-audit probes`")
     run.add_argument("--profile", choices=["smoke", "standard", "thorough"], help="sample counts and method lists (default standard)")
@@ -59,7 +65,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--device", choices=["auto", "cpu", "cuda"], help="auto uses a GPU when one is visible (default auto)")
     run.add_argument("--seed", type=int, help="seed for sampling and bootstrap (default 0)")
     run.add_argument("--max-samples", type=int, help="audit a stratified sample of at most N rows")
-    run.add_argument("--batch-size", type=int, help="forward-pass batch size (default 64)")
+    run.add_argument("--batch-size", type=int, help="most images per model call, in every pass (default 64)")
+    run.add_argument("--chunk-samples", type=int, metavar="N",
+                     help="detail-stage samples per chunk written to the run folder (default 256); results do not depend on it")
     run.add_argument("--no-sample-images", action="store_true", help="keep every input image, thumbnail and heatmap out of the reports")
     run.add_argument("--quiet", action="store_true", help="no progress bars or summary")
 
@@ -85,8 +93,8 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-_FLAG_KEYS = ("model", "manifest", "weights", "input_size", "channels", "mean", "std", "layout", "output_kind", "output_name",
-              "data_root", "probes", "profile", "rule_files", "out", "fail_on", "device", "seed", "max_samples", "batch_size")
+_FLAG_KEYS = ("model", "manifest", "weights", "input_size", "channels", "mean", "std", "layout", "output_kind", "output_name", "embedding_layer",
+              "data_root", "probes", "profile", "rule_files", "out", "fail_on", "device", "seed", "max_samples", "batch_size", "chunk_samples")
 
 
 def config_from_args(args: argparse.Namespace) -> Any:
@@ -117,13 +125,12 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 def _print_summary(outcome: Any) -> None:
     results = outcome.results
-    counts: dict[str, int] = {}
-    for finding in results["findings"]:
-        counts[finding["status"]] = counts.get(finding["status"], 0) + 1
-    summary = ", ".join(f"{counts[s]} {s}" for s in ("error", "fail", "warn", "waived", "pass", "skipped") if counts.get(s))
+    from audit.findings import ATTENTION, count_by_status
+
+    summary = ", ".join(f"{n} {s}" for s, n in count_by_status(results["findings"]).items() if n)
     print(f"verdict: {results['run']['verdict']} ({summary})")
     for finding in results["findings"]:
-        if finding["status"] in ("error", "fail", "warn"):
+        if finding["status"] in ATTENTION:
             print(f"  {finding['status'].upper():5} {finding['severity']:8} {finding['rule']} [{finding['scope']}]: {finding['message']}")
     skipped = len(results["manifest"]["skipped"])
     if skipped:
@@ -144,43 +151,59 @@ def _cmd_render(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def declared_metrics() -> Declarations:
+    """What the registered probes declare they measure, which `rules check` holds rules against."""
+    from audit.metrics.declarations import declarations
+    from audit.probes.registry import all_probes
+
+    return declarations(all_probes())
+
+
 def _cmd_rules(args: argparse.Namespace) -> int:
     from audit.rules.catalogue import load_catalogue
-    from audit.rules.engine import threshold_text
     from audit.rules.schema import load_rule_file
 
     if args.rules_command == "check":
+        declared = declared_metrics()
         for path in args.files:
-            print(f"{path}: {len(load_rule_file(path))} rule(s) valid")
+            print(f"{path}: {len(load_rule_file(path, declared))} rule(s) valid")
         return EXIT_OK
     if args.markdown:
         print(rules_markdown(load_catalogue(args.rule_files)), end="")
         return EXIT_OK
     for rule in load_catalogue(args.rule_files):
-        per = rule.aggregate.per + (f", {rule.aggregate.stat} of samples" if rule.aggregate.stat else "")
-        limits = "; ".join(f"{t.status}/{t.severity} if {threshold_text(t.op, t.value)}" for t in rule.thresholds)
+        per = rule.aggregate.text + (f", {rule.aggregate.stat} of samples" if rule.aggregate.stat else "")
+        limits = "; ".join(_threshold_lines(rule, "{status}/{severity} if {limit}")) or "info, never judged"
         print(f"{rule.id} (v{rule.version}): {rule.title}")
         print(f"    metric {rule.metric} per {per}, min_support {rule.min_support}: {limits}")
     return EXIT_OK
 
 
+def _threshold_lines(rule: Any, template: str) -> list[str]:
+    from audit.rules.engine import threshold_text
+
+    return [template.format(status=t.status, severity=t.severity, limit=threshold_text(t.op, t.value, bound=t.bound))
+            for t in rule.thresholds or ()]
+
+
 def rules_markdown(rules: Sequence[Any]) -> str:
     """The catalogue as docs/rules.md (a test keeps that file equal to this output)."""
-    from audit.rules.engine import threshold_text
+    from audit.rules.catalogue import FORMAT_GUIDE
 
     lines = ["# Rule catalogue", "", "Generated by `model-audit rules list --markdown`; the YAML files in `rules/` are the source.", ""]
     for rule in rules:
-        per = rule.aggregate.per + (f", {rule.aggregate.stat} of per-sample values" if rule.aggregate.stat else "")
+        per = rule.aggregate.text + (f", {rule.aggregate.stat} of per-sample values" if rule.aggregate.stat else "")
         lines += [f"## `{rule.id}` (v{rule.version}): {rule.title}", ""]
         if rule.description:
             lines += [rule.description.strip(), ""]
         lines += [f"- metric: `{rule.metric}`, per {per}; judged from {rule.min_support} samples on"]
-        lines += [f"- {t.status} ({t.severity}) if {threshold_text(t.op, t.value)}" for t in rule.thresholds]
+        lines += _threshold_lines(rule, "- {status} ({severity}) if {limit}") or ["- info for every scope: informs, never judged"]
+        lines += [f"- quotes `{{{name}}}`: `{ref}`" for name, ref in (rule.values or {}).items()]
         lines += [f"- remedy: {rule.remedy.strip()}"]
         if rule.rationale:
             lines += [f"- why these limits: {rule.rationale.strip()}"]
         lines.append("")
-    return "\n".join(lines)
+    return "\n".join([*lines, FORMAT_GUIDE])
 
 
 def _cmd_probes(_: argparse.Namespace) -> int:
@@ -189,10 +212,17 @@ def _cmd_probes(_: argparse.Namespace) -> int:
     for name, cls in all_probes().items():
         needs = ", ".join(sorted(c.value for c in cls.requires)) or "nothing beyond a forward pass"
         print(f"{name}: {cls.title} (needs {needs})")
+        if cls.consumes:
+            print(f"  reads: {', '.join(c.table + (' (optional)' if c.optional else '') for c in cls.consumes)}")
+        for table in cls.provides:
+            columns = f": {', '.join(c.name for c in table.columns)}" if table.columns else ""
+            print(f"  writes {table.name} ({table.stage} stage, {'arrays' if table.kind == 'array' else 'rows'}){columns}")
+        for metric in cls.metrics:
+            print(f"  metric {metric.name} [{', '.join(metric.scopes)}; {metric.unit}]: {metric.meaning}")
         for field_name, field in cls.Params.model_fields.items():
             defaults = {p: d[field_name] for p, d in cls.profile_defaults.items() if field_name in d}
             shown = ", ".join(f"{p} {v}" for p, v in defaults.items()) or str(field.default)
-            print(f"    {field_name}: {field.description or ''} (default {shown})")
+            print(f"  param {field_name}: {field.description or ''} (default {shown})")
     return EXIT_OK
 
 

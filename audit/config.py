@@ -10,14 +10,18 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from audit.errors import InputError
 from audit.rules.schema import Threshold
 
-Severity = Literal["critical", "high", "medium", "low", "info"]
-SEVERITIES: tuple[str, ...] = ("critical", "high", "medium", "low", "info")
-SEVERITY_RANK: dict[str, int] = {s: len(SEVERITIES) - i for i, s in enumerate(SEVERITIES)}
 FailOn = Literal["critical", "high", "medium", "low", "info", "never"]
 Profile = Literal["smoke", "standard", "thorough"]
 OutputKind = Literal["auto", "logits", "probabilities", "sigmoid"]
@@ -79,6 +83,7 @@ class AuditConfig(_Strict):
     layout: Layout | None = None
     output_kind: OutputKind = "auto"
     output_name: str | None = None
+    embedding_layer: str | None = None  # the classifier head (torch module) or the embedding tensor (ONNX), when not found by itself
     data_root: list[Path] = Field(default_factory=list)
     probes: list[str] | None = None
     probe_params: dict[str, dict[str, Any]] = Field(default_factory=dict)  # `enabled: false` switches a probe off
@@ -95,6 +100,7 @@ class AuditConfig(_Strict):
     quiet: bool = False
     batch_size: int = Field(default=64, ge=1)
     workers: int = Field(default=2, ge=0)
+    chunk_samples: int = Field(default=256, ge=1)  # detail-stage samples per chunk written to the run store
     reference_domain: str | None = None
     model_card: ModelCard | None = None
 

@@ -185,9 +185,28 @@ def iter_batches(
     on_skip: Callable[[Sample, str], None] | None = None,
     prefetch: int = 2,
 ) -> Iterator[Batch]:
-    """Decode in a thread pool with bounded look-ahead; unreadable samples go to `on_skip`."""
+    """`samples` in batches of `batch_size` (see `iter_groups`)."""
+    groups = [samples[start : start + batch_size] for start in range(0, len(samples), batch_size)]
+    for _, batch in iter_groups(groups, prep, workers, on_skip, prefetch):
+        yield batch
 
-    def load_chunk(chunk: Sequence[Sample]) -> tuple[list[Sample], list[np.ndarray], list[tuple[Sample, str]]]:
+
+def iter_groups(
+    groups: Sequence[Sequence[Sample]],
+    prep: Preprocessing,
+    workers: int = 2,
+    on_skip: Callable[[Sample, str], None] | None = None,
+    prefetch: int = 2,
+    load: bool | Sequence[bool] = True,
+) -> Iterator[tuple[int, Batch]]:
+    """(group index, batch) for each group with a readable sample, decoded in a thread pool with
+    bounded look-ahead; unreadable samples go to `on_skip`. A group whose `load` is False is not
+    read: its batch carries the samples only (empty arrays)."""
+    loads = [load] * len(groups) if isinstance(load, bool) else list(load)
+
+    def load_chunk(chunk: Sequence[Sample], read: bool) -> tuple[list[Sample], list[np.ndarray], list[tuple[Sample, str]]]:
+        if not read:
+            return list(chunk), [], []
         good, arrays, bad = [], [], []
         for sample in chunk:
             try:
@@ -197,25 +216,24 @@ def iter_batches(
                 bad.append((sample, str(exc)))
         return good, arrays, bad
 
-    def emit(item: Future | tuple) -> Iterator[Batch]:
+    def emit(index: int, item: Future | tuple) -> Iterator[tuple[int, Batch]]:
         good, arrays, bad = item.result() if isinstance(item, Future) else item
         for sample, reason in bad:
             if on_skip is not None:
                 on_skip(sample, reason)
         if good:
-            raw = np.stack(arrays)
-            yield Batch(good, prep.normalise(raw), raw)
+            raw = np.stack(arrays) if arrays else np.zeros((0,), np.float32)
+            yield index, Batch(good, prep.normalise(raw) if arrays else raw, raw)
 
-    pool = ThreadPoolExecutor(max_workers=workers) if workers > 0 else None
-    pending: deque[Future | tuple] = deque()
+    pool = ThreadPoolExecutor(max_workers=workers) if workers > 0 and any(loads) else None
+    pending: deque[tuple[int, Future | tuple]] = deque()
     try:
-        for start in range(0, len(samples), batch_size):
-            chunk = samples[start : start + batch_size]
-            pending.append(pool.submit(load_chunk, chunk) if pool else load_chunk(chunk))
+        for index, chunk in enumerate(groups):
+            pending.append((index, pool.submit(load_chunk, chunk, loads[index]) if pool else load_chunk(chunk, loads[index])))
             if len(pending) > prefetch:
-                yield from emit(pending.popleft())
+                yield from emit(*pending.popleft())
         while pending:
-            yield from emit(pending.popleft())
+            yield from emit(*pending.popleft())
     finally:
         if pool is not None:
             pool.shutdown(wait=False, cancel_futures=True)

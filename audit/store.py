@@ -1,30 +1,40 @@
-"""The run directory: results.json (atomic, versioned, schema-checked), per-sample Parquet, artifacts.
+"""The run directory: results.json (atomic, versioned, schema-checked), per-sample tables, arrays,
+artifacts; and the typed record results.json is built from.
 
 Layout:
-    results.json          the contract between computation and rendering
-    samples/<probe>.parquet
-    artifacts/<sha256[:20]>.<ext>   content-addressed (thumbnails, heatmaps, arrays)
+    results.json                    the contract between computation and rendering
+    samples/<table>.parquet         per-sample rows (the tables probes declare)
+    arrays/<table>/<chunk>.npz      per-sample arrays (maps, embeddings), one file per chunk as produced
+    chunks/<table>/<chunk>.parquet  detail rows of a stage still running (merged into samples/ at its end)
+    steps/<probe>.json              the result of a probe's whole-model step
+    artifacts/<sha256[:20]>.<ext>   content-addressed (thumbnails, heatmaps, gallery bundles)
     report.html / report.pdf / junit.xml
 """
 
 from __future__ import annotations
 
+import datetime as dt
 import hashlib
+import io
 import json
 import os
+import shutil
 import tempfile
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
 from audit.errors import InputError
 
-SCHEMA_VERSION = "1.0"
+SCHEMA_VERSION = "1.1"  # 1.1: probes.arrays, consumes, detail_samples; info findings; bound; model.taps
 _UMASK = os.umask(0o022)
 os.umask(_UMASK)
 RESULTS = "results.json"
 REPORT_FILES = ("report.html", "report.pdf", "junit.xml")
+RUN_FOLDERS = ("samples", "artifacts", "arrays", "chunks", "steps")  # what a run writes; emptied by a re-run
 
 
 def atomic_write(path: Path, data: bytes) -> None:
@@ -44,8 +54,6 @@ def atomic_write(path: Path, data: bytes) -> None:
 
 
 def _json_default(value: Any) -> Any:
-    import numpy as np
-
     if isinstance(value, np.generic):
         return value.item()
     if isinstance(value, np.ndarray):
@@ -57,6 +65,38 @@ def _json_default(value: Any) -> Any:
 
 def dumps(data: Any) -> bytes:
     return json.dumps(data, indent=2, sort_keys=False, default=_json_default, allow_nan=False, ensure_ascii=False).encode("utf-8")
+
+
+@dataclass
+class ArrayTable:
+    """Per-sample arrays: one key row per entry (`id` first, e.g. `id, method`) and named arrays
+    whose first axis runs along the keys (a map, an embedding, a gallery bundle's images)."""
+
+    keys: pd.DataFrame
+    values: dict[str, np.ndarray]
+
+    def __post_init__(self) -> None:
+        self.keys = self.keys.reset_index(drop=True)
+        for name, array in self.values.items():
+            if len(array) != len(self.keys):
+                raise ValueError(f"array {name!r} has {len(array)} entries for {len(self.keys)} keys")
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    @classmethod
+    def concat(cls, parts: list[ArrayTable]) -> ArrayTable | None:
+        if not parts:
+            return None
+        names = list(parts[0].values)
+        return cls(pd.concat([p.keys for p in parts], ignore_index=True),
+                   {n: np.concatenate([p.values[n] for p in parts]) for n in names})
+
+    def by_key(self, value: str, column: str = "method") -> dict[str, np.ndarray]:
+        """{id: array} of the entries whose `column` equals `value`, from the single array held."""
+        (array,) = self.values.values()
+        rows = np.flatnonzero(self.keys[column].to_numpy() == value)
+        return {str(self.keys["id"].iat[i]): array[i] for i in rows}
 
 
 class RunStore:
@@ -73,25 +113,72 @@ class RunStore:
         self.root.mkdir(parents=True, exist_ok=True)
         for name in (RESULTS, *REPORT_FILES):
             (self.root / name).unlink(missing_ok=True)
-        for sub in ("samples", "artifacts"):
+        for sub in RUN_FOLDERS:
             folder = self.root / sub
             if folder.is_dir():
-                for item in folder.iterdir():
-                    if item.is_file():
-                        item.unlink()
-            folder.mkdir(exist_ok=True)
+                shutil.rmtree(folder)
+        for sub in ("samples", "artifacts"):
+            (self.root / sub).mkdir(exist_ok=True)
+
+    def relative(self, path: Path) -> str:
+        return path.relative_to(self.root).as_posix()
 
     def write_table(self, name: str, frame: pd.DataFrame) -> Path:
         path = self.root / "samples" / f"{name}.parquet"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".parquet.tmp")
-        frame.reset_index(drop=True).to_parquet(tmp, index=False)
-        os.replace(tmp, path)
+        _write_parquet(path, frame)
         return path
 
     def read_table(self, name: str) -> pd.DataFrame | None:
         path = self.root / "samples" / f"{name}.parquet"
         return pd.read_parquet(path) if path.is_file() else None
+
+    def write_chunk(self, name: str, chunk: int, frame: pd.DataFrame) -> Path:
+        """Detail rows of one chunk, written as soon as the chunk is done."""
+        path = self.root / "chunks" / name / f"{chunk:05d}.parquet"
+        _write_parquet(path, frame)
+        return path
+
+    def merge_chunks(self, name: str, empty: pd.DataFrame) -> Path:
+        """The finished stage's chunks, in chunk order, as samples/<name>.parquet (`empty` when no
+        chunk holds rows); the chunk files are then removed."""
+        folder = self.root / "chunks" / name
+        files = sorted(folder.glob("*.parquet")) if folder.is_dir() else []
+        frames = [pd.read_parquet(f) for f in files]
+        frames = [f for f in frames if len(f)]
+        path = self.write_table(name, pd.concat(frames, ignore_index=True) if frames else empty)
+        if folder.is_dir():
+            shutil.rmtree(folder)
+        return path
+
+    def write_array_chunk(self, name: str, chunk: int, table: ArrayTable) -> Path:
+        """One chunk of an array table: its key columns and arrays in one .npz (no pickles)."""
+        for column in table.keys.columns:
+            if column.startswith("value:"):
+                raise ValueError(f"key column {column!r} clashes with the array names")
+        data = {f"key:{c}": _key_array(table.keys[c]) for c in table.keys.columns}
+        data.update({f"value:{n}": v for n, v in table.values.items()})
+        buffer = io.BytesIO()
+        np.savez(buffer, **data)
+        path = self.root / "arrays" / name / f"{chunk:05d}.npz"
+        atomic_write(path, buffer.getvalue())
+        return path
+
+    def read_array(self, name: str) -> ArrayTable | None:
+        """Every chunk of an array table, in chunk order; None when the table was never written."""
+        folder = self.root / "arrays" / name
+        if not folder.is_dir():
+            return None
+        parts = []
+        for path in sorted(folder.glob("*.npz")):
+            with np.load(path, allow_pickle=False) as data:
+                keys = pd.DataFrame({k[4:]: data[k].tolist() if data[k].dtype.kind == "U" else data[k] for k in data.files if k.startswith("key:")})
+                parts.append(ArrayTable(keys, {k[6:]: data[k] for k in data.files if k.startswith("value:")}))
+        return ArrayTable.concat(parts)
+
+    def write_step(self, probe: str, result: dict[str, Any]) -> Path:
+        path = self.root / "steps" / f"{probe}.json"
+        atomic_write(path, dumps(result))
+        return path
 
     def write_artifact(self, data: bytes, suffix: str) -> str:
         """Store bytes by content; returns the path relative to the run folder."""
@@ -107,6 +194,105 @@ class RunStore:
         data = dumps(results)
         atomic_write(self.results_path, data)
         return hashlib.sha256(data).hexdigest()
+
+
+def _write_parquet(path: Path, frame: pd.DataFrame) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".parquet.tmp")
+    frame.reset_index(drop=True).to_parquet(tmp, index=False)
+    os.replace(tmp, path)
+
+
+def _key_array(column: pd.Series) -> np.ndarray:
+    values = column.to_numpy()
+    return values.astype(str) if values.dtype == object else values
+
+
+@dataclass
+class ProbeRecord:
+    """One probe's entry in results.json."""
+
+    status: str  # ok | skipped | error
+    seconds: float
+    error: str | None
+    reason: str | None
+    title: str
+    question: str
+    references: list[str]
+    units: dict[str, str]
+    notes: list[str]
+    details: dict[str, Any]
+    tables: dict[str, str]
+    arrays: dict[str, str] = field(default_factory=dict)
+    consumes: list[str] = field(default_factory=list)
+    detail_samples: int | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        out = {k: v for k, v in vars(self).items() if k not in ("arrays", "consumes", "detail_samples")}
+        out["seconds"] = round(self.seconds, 3)
+        out.update(arrays=self.arrays, consumes=self.consumes, detail_samples=self.detail_samples)
+        return out
+
+
+@dataclass
+class RunTimes:
+    started: dt.datetime
+    finished: dt.datetime
+    seconds: float
+    model_load_seconds: float
+    forward_seconds: float
+    load_seconds: float
+
+
+@dataclass
+class RunRecord:
+    """Everything results.json holds, typed; `as_dict` lays it out in the documented order."""
+
+    tool_version: str
+    times: RunTimes
+    verdict: str
+    fail_on: str
+    profile: str
+    sample_images: bool
+    model: dict[str, Any]
+    manifest: dict[str, Any]
+    preprocessing: dict[str, Any]
+    config: dict[str, Any]
+    metrics: dict[str, float]
+    probes: dict[str, ProbeRecord]
+    rules: list[dict[str, Any]]
+    findings: list[dict[str, Any]]
+    thumbnails: dict[str, str]
+    provenance: dict[str, Any]
+
+    def as_dict(self) -> dict[str, Any]:
+        t = self.times
+        return {
+            "schema_version": SCHEMA_VERSION,
+            "tool": {"name": "model-audit", "version": self.tool_version},
+            "run": {
+                "started": t.started.isoformat(timespec="seconds"),
+                "finished": t.finished.isoformat(timespec="seconds"),
+                "seconds": round(t.seconds, 3),
+                "model_load_seconds": round(t.model_load_seconds, 3),
+                "forward_seconds": round(t.forward_seconds, 3),
+                "load_seconds": round(t.load_seconds, 3),
+                "verdict": self.verdict,
+                "fail_on": self.fail_on,
+                "profile": self.profile,
+                "sample_images": self.sample_images,
+            },
+            "model": self.model,
+            "manifest": self.manifest,
+            "preprocessing": self.preprocessing,
+            "config": self.config,
+            "metrics": dict(sorted(self.metrics.items())),
+            "probes": {name: record.as_dict() for name, record in self.probes.items()},
+            "rules": self.rules,
+            "findings": self.findings,
+            "thumbnails": self.thumbnails,
+            "provenance": self.provenance,
+        }
 
 
 def load_results(run_dir: Path) -> tuple[dict[str, Any], str]:

@@ -113,38 +113,32 @@ def pass_costs(onnx_path: Path, label: str) -> dict[str, float]:
 
 
 def run_stages(onnx_path: Path, manifest: Path, classes: list[str], out: Path) -> Counter:
-    """One audit with the two stages, every pass counted and each stage's reduce timed."""
+    """One audit with the two stages, every pass counted and each probe's own stages timed
+    (select, detail, step and reduce: everything the executor runs for it after the shared pass)."""
     from audit import api, models
     from audit.config import build_config
     from audit.demo import MEAN, STD
-    from audit.probes.attribution import Attribution
-    from audit.probes.occlusion import Occlusion
+    from audit.execution.local import LocalExecutor
 
     counter = Counter()
-    original_load, original_render = models.load_model, api.render
-    originals = {cls: cls.reduce for cls in (Attribution, Occlusion)}
+    original_load, original_render, original_run_probe = models.load_model, api.render, LocalExecutor.run_probe
 
     def load_and_count(*args, **kwargs):  # type: ignore[no-untyped-def]
         adapter = original_load(*args, **kwargs)
         instrument(adapter, counter)
         return adapter
 
-    def timed(cls):  # type: ignore[no-untyped-def]
-        reduce = originals[cls]
-
-        def wrapper(self, rows):  # type: ignore[no-untyped-def]
-            before = counter.snapshot()
-            try:
-                return reduce(self, rows)
-            finally:
-                after = counter.snapshot()
-                counter.stages[cls.name] = tuple(b - a for a, b in zip(before, after, strict=True))  # type: ignore[assignment]
-        return wrapper
+    def timed(self, probe, outcomes):  # type: ignore[no-untyped-def]
+        before = counter.snapshot()
+        try:
+            return original_run_probe(self, probe, outcomes)
+        finally:
+            after = counter.snapshot()
+            counter.stages[probe.name] = tuple(b - a for a, b in zip(before, after, strict=True))  # type: ignore[assignment]
 
     models.load_model = load_and_count
     api.render = lambda *a, **k: {}
-    for cls in originals:
-        cls.reduce = timed(cls)
+    LocalExecutor.run_probe = timed  # type: ignore[method-assign]
     try:
         config = build_config({}, {"model": str(onnx_path), "manifest": str(manifest), "classes": classes,
                                    "mean": list(MEAN), "std": list(STD), "profile": "standard", "out": out,
@@ -152,8 +146,7 @@ def run_stages(onnx_path: Path, manifest: Path, classes: list[str], out: Path) -
         api.run_audit(config)
     finally:
         models.load_model, api.render = original_load, original_render
-        for cls, reduce in originals.items():
-            cls.reduce = reduce
+        LocalExecutor.run_probe = original_run_probe  # type: ignore[method-assign]
     return counter
 
 

@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import numpy as np
 
-from audit.backgrounds import bounding_box, counterfactuals, only_background, paste, swap_partners
+from audit.backgrounds import (
+    bounding_box,
+    counterfactuals,
+    only_background,
+    paste,
+    swap_partners,
+)
 
 
 def scene(value: float, background: float, size: int = 8) -> tuple[np.ndarray, np.ndarray]:

@@ -224,9 +224,9 @@ def test_classes_count_must_match_model(capsys: pytest.CaptureFixture[str], data
 
 
 def test_results_json_is_valid_and_sorted(torch_run) -> None:  # type: ignore[no-untyped-def]
-    from audit.api import FINDING_ORDER
+    from audit.findings import STATUS_RANK
 
-    order = [FINDING_ORDER[f["status"]] for f in torch_run.results["findings"]]
+    order = [STATUS_RANK[f["status"]] for f in torch_run.results["findings"]]
     assert order == sorted(order)
     assert json.loads((torch_run.out / "results.json").read_text()) == torch_run.results
     assert torch_run.results["model"]["classes"] == CLASSES

@@ -8,7 +8,15 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from audit.data import Preprocessing, convert_channels, iter_batches, load_mask, load_sample, read_input, resize
+from audit.data import (
+    Preprocessing,
+    convert_channels,
+    iter_batches,
+    load_mask,
+    load_sample,
+    read_input,
+    resize,
+)
 from audit.errors import SampleError
 from audit.manifest import Sample
 

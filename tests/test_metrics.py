@@ -15,7 +15,15 @@ from audit.metrics.classification import (
     precision_recall_f1,
     reliability_table,
 )
-from audit.metrics.names import MetricKey, display_scope, pair, parse_key, parse_scope, scope, scope_kind
+from audit.metrics.names import (
+    MetricKey,
+    display_scope,
+    pair,
+    parse_key,
+    parse_scope,
+    scope,
+    scope_kind,
+)
 
 
 @pytest.fixture

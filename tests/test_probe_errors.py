@@ -7,7 +7,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from audit.probes.base import Evidence, Probe, Taps
+from audit.metrics.declarations import MetricSpec
+from audit.probes.base import Evidence, Probe, ProbeData, Taps
 from audit.probes.registry import _REGISTRY, register
 
 
@@ -15,13 +16,14 @@ class Exploding(Probe):
     name = "exploding"
     title = "A probe that fails"
     question = "Does a failing probe take the audit down with it?"
+    metrics = (MetricSpec("exploding.value", ("global",), "number", "a value the probe never gets to report"),)
 
     def map(self, batch, taps: Taps) -> pd.DataFrame:  # type: ignore[no-untyped-def]
         if len(batch) and batch.ids[0] >= "s030":
             raise RuntimeError("simulated out-of-memory in batch")
         return pd.DataFrame({"id": batch.ids, "value": 1.0})
 
-    def reduce(self, rows: pd.DataFrame) -> Evidence:
+    def reduce(self, data: ProbeData) -> Evidence:
         return Evidence(metrics={"exploding.value": 1.0})
 
 

@@ -64,3 +64,40 @@ def test_pdf_with_hostile_image_reference_fetches_nothing(tmp_path: Path) -> Non
     html = '<html><body><p>hello</p><img src="file:///etc/hostname"><img src="http://127.0.0.1:9/x.png"></body></html>'
     write_pdf(tmp_path / "r.pdf", html, tmp_path)
     assert "hello" in pdf_text(tmp_path / "r.pdf")
+
+
+def test_a_schema_1_0_run_folder_still_renders(tmp_path: Path) -> None:
+    """Runs written before the probe contract (schema 1.0) load and render with every section,
+    the background gallery included (its captions fall back to the methods' full titles)."""
+    import json
+    import shutil
+
+    from audit.api import render
+
+    run = tmp_path / "old"
+    shutil.copytree(Path(__file__).parent / "fixtures" / "run-schema-1.0", run)
+    results = json.loads((run / "results.json").read_text())
+    assert results["schema_version"] == "1.0"
+    reports = render(run)
+    html = reports["html"].read_text()
+    for probe in results["probes"].values():
+        assert probe["title"] in html
+    galleries = results["probes"]["background"]["details"]["galleries"]
+    assert any(galleries.values()) and html.count('alt="gallery ') == sum(len(v) for v in galleries.values())
+    for f in results["findings"]:
+        assert " ".join(f["title"].split()) in pdf_text(reports["pdf"])
+    assert (run / "junit.xml").read_text() == (Path(__file__).parent / "fixtures" / "run-schema-1.0" / "junit.xml").read_text()
+
+
+def test_info_findings_are_listed_apart_and_change_no_verdict(torch_run, run_factory, dataset, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    rule = tmp_path / "info.yaml"
+    rule.write_text("schema: model-audit/rule/v1\nid: confidence-info\ntitle: Predicted shares, for the record\n"
+                    "metric: predictions.predicted_share\naggregate: {per: [class, domain/class]}\n"
+                    "message: '{scope}: {value:.0%} of the predictions'\nremedy: nothing to do\n")
+    run = run_factory(["--model", f"{dataset.model_py}:build", "--weights", str(dataset.weights)], ["--rules", str(rule)])
+    informed = [f for f in run.results["findings"] if f["rule"] == "confidence-info"]
+    assert informed and {f["status"] for f in informed} == {"info"}
+    assert {f["scope"].split(":")[0] for f in informed} == {"class", "domain"}
+    assert run.results["run"]["verdict"] == torch_run.results["run"]["verdict"] and run.code == torch_run.code
+    html = (run.out / "report.html").read_text()
+    assert "For information (" in html and "Predicted shares, for the record" in html

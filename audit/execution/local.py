@@ -1,22 +1,44 @@
-"""The local executor: one forward pass per batch, shared by every probe's map, then reduce.
+"""The local executor: the shared forward pass, then each probe's own stages, all model passes its own.
 
-A probe that raises is marked `error` with its message and is not called again; the others and
-the report still complete.
+Stage one runs the model once per batch with the taps every planned probe needs and hands each
+probe's `map` the batch. Then, probe by probe in the plan's order (producers before consumers), it
+asks the probe which samples its own passes need (`select`), loads them with the same loader,
+workers and skip handling as stage one, calls `detail` per batch and writes the rows and arrays to
+the run store chunk by chunk as they are produced, runs the declared whole-model `step`, and calls
+`reduce`. A probe that raises at any step is marked `error` with the step and its message and is not
+called again; the others and the report still complete. A probe whose required input comes from a
+probe that was skipped or failed is skipped with the reason.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 
-from audit.data import Batch, iter_batches
+from audit.data import Batch, iter_batches, iter_groups
 from audit.errors import first_line
 from audit.manifest import Sample
-from audit.models.outputs import OutputInterpretation, interpret
-from audit.probes.base import Evidence, Probe, RunContext, Taps
+from audit.probes.base import (
+    ContractError,
+    DetailBatch,
+    DetailPlan,
+    Evidence,
+    Probe,
+    ProbeData,
+    ProbeInputs,
+    RunContext,
+    Taps,
+)
+from audit.store import ArrayTable, RunStore
+
+if TYPE_CHECKING:
+    from audit.plan import Plan
+
+CHUNK_SAMPLES = 256  # detail samples per chunk written to the run store (whole batches, so chunks never split one)
 
 
 @dataclass
@@ -27,81 +49,163 @@ class ProbeOutcome:
     reason: str | None = None
     rows: list[pd.DataFrame] = field(default_factory=list)
     evidence: Evidence | None = None
-    tables: dict[str, str] = field(default_factory=dict)
+    tables: dict[str, str] = field(default_factory=dict)  # name -> path relative to the run folder
+    arrays: dict[str, str] = field(default_factory=dict)
+    detail_samples: int | None = None
 
     def fail(self, stage: str, exc: BaseException) -> None:
         self.status = "error"
         self.error = f"{stage}: {first_line(exc)}"
         self.rows = []
 
+    def skip(self, reason: str) -> None:
+        self.status = "skipped"
+        self.reason = reason
+        self.rows = []
 
-def reduce_order(probes: Sequence[Probe]) -> list[Probe]:
-    """Registry order, except that a probe comes after the probes named in its `after`."""
-    placed: list[Probe] = []
-    pending = list(probes)
-    names = {p.name for p in probes}
-    while pending:
-        for probe in pending:
-            if all(dep not in names or dep in {p.name for p in placed} for dep in probe.after):
-                placed.append(probe)
-                pending.remove(probe)
-                break
-        else:
-            raise ValueError(f"probe dependencies form a cycle: {[p.name for p in pending]}")
-    return placed
+
+class DetailStage:
+    """One probe's detail batches, cut into chunks of whole batches; each chunk is loaded, run and
+    written to the store on its own, so chunks may run in any order, on other workers, or again."""
+
+    def __init__(self, probe: Probe, plan: DetailPlan, rows: pd.DataFrame, context: RunContext, store: RunStore,
+                 workers: int, chunk_samples: int = CHUNK_SAMPLES, progress: Callable[[int], Any] | None = None) -> None:
+        self.probe = probe
+        self.plan = plan
+        self.rows = rows.set_index("id", drop=False)
+        self.context = context
+        self.store = store
+        self.workers = workers
+        self.progress = progress
+        self.chunks: list[list[int]] = []
+        for index, batch in enumerate(plan.batches):
+            if not self.chunks or sum(len(plan.batches[i].ids) for i in self.chunks[-1]) >= chunk_samples:
+                self.chunks.append([])
+            self.chunks[-1].append(index)
+
+    def run(self, chunks: Iterable[int] | None = None) -> None:
+        for chunk in range(len(self.chunks)) if chunks is None else chunks:
+            self.run_chunk(chunk)
+
+    def run_chunk(self, chunk: int) -> None:
+        specs = [self.plan.batches[i] for i in self.chunks[chunk]]
+        tables: dict[str, list[pd.DataFrame]] = {}
+        arrays: dict[str, list[ArrayTable]] = {}
+        for position, batch in self.load([s.ids for s in specs], [s.inputs for s in specs]):
+            spec, index = specs[position], self.chunks[chunk][position]
+            loaded = DetailBatch(index, spec.kind, batch.samples, self.rows_of(batch.samples),
+                                 batch.raw if spec.inputs else None, batch.x if spec.inputs else None)
+            output = self.probe.detail(loaded)
+            for name, frame in output.tables.items():
+                self._declared(name, "rows")
+                tables.setdefault(name, []).append(frame)
+            for name, table in output.arrays.items():
+                self._declared(name, "array")
+                arrays.setdefault(name, []).append(table)
+            if self.progress is not None:
+                self.progress(len(loaded))
+        for name, frames in tables.items():
+            self.store.write_chunk(name, chunk, pd.concat(frames, ignore_index=True))
+        for name, parts in arrays.items():
+            merged = ArrayTable.concat(parts)
+            if merged is not None:
+                self.store.write_array_chunk(name, chunk, merged)
+
+    def load(self, groups: Sequence[Sequence[str]], inputs: Sequence[bool] | bool = True) -> Iterable[tuple[int, Batch]]:
+        """The samples of each group of ids (samples dropped from the audit since are left out)."""
+        by_id = {s.id: s for s in self.context.manifest.samples}
+        samples = [[by_id[i] for i in ids if i in by_id] for ids in groups]
+        return iter_groups(samples, self.context.prep, self.workers, None, load=inputs)
+
+    def rows_of(self, samples: Sequence[Sample]) -> pd.DataFrame:
+        return self.rows.loc[[s.id for s in samples]].reset_index(drop=True)
+
+    def step_batch(self) -> DetailBatch | None:
+        """The whole-model step's samples, loaded as one batch."""
+        for _, batch in self.load([self.plan.step]):
+            return DetailBatch(-1, "step", batch.samples, self.rows_of(batch.samples), batch.raw, batch.x)
+        return None
+
+    def finish(self) -> dict[str, str]:
+        """Merge the detail row tables into samples/; returns name -> relative path."""
+        out = {}
+        for spec in self.probe.provides:
+            if spec.stage == "detail" and spec.kind == "rows":
+                empty = pd.DataFrame({c: [] for c in [*spec.keys, *(c.name for c in spec.columns)]})
+                out[spec.name] = self.store.relative(self.store.merge_chunks(spec.name, empty))
+        return out
+
+    def _declared(self, name: str, kind: str) -> None:
+        spec = self.probe.table_spec(name)
+        if spec.stage != "detail" or spec.kind != kind:
+            raise ContractError(f"{self.probe.name} returned {kind} {name!r} from detail, declared as a {spec.stage} {spec.kind} table")
 
 
 class LocalExecutor:
-    def __init__(
-        self,
-        context: RunContext,
-        probes: Sequence[Probe],
-        batch_size: int,
-        workers: int,
-        output_kind: str,
-        on_skip: Callable[[Sample, str], None],
-        on_interpretation: Callable[[OutputInterpretation], None],
-    ) -> None:
+    def __init__(self, context: RunContext, store: RunStore, plan: Plan, workers: int,
+                 on_skip: Callable[[Sample, str], None], chunk_samples: int = CHUNK_SAMPLES) -> None:
         self.context = context
-        self.probes = list(probes)
-        self.batch_size = batch_size
+        self.store = store
+        self.plan = plan
         self.workers = workers
-        self.output_kind = output_kind
         self.on_skip = on_skip
-        self.on_interpretation = on_interpretation
+        self.chunk_samples = chunk_samples
         self.forward_seconds = 0.0
         self.load_seconds = 0.0
 
-    def run(self, samples: Sequence[Sample], outcomes: dict[str, ProbeOutcome]) -> None:
-        """Fill `outcomes[probe.name]` (pre-created by the caller) with rows, evidence and timings."""
-        taps_needed = frozenset().union(*(p.taps for p in self.probes)) - {"output"}
-        batches = iter_batches(samples, self.context.prep, self.batch_size, self.workers, self.on_skip)
+    def run(self) -> dict[str, ProbeOutcome]:
+        """Outcomes of every selected probe (report order): the planned ones run, the others skipped."""
+        outcomes = {name: ProbeOutcome() for name in self.plan.order}
+        for name, reason in self.plan.skipped.items():
+            outcomes[name].skip(reason)
+        self.shared_pass(list(self.context.manifest.samples), outcomes)
+        for probe in self.plan.probes:
+            self.run_probe(probe, outcomes)
+        return outcomes
+
+    def shared_pass(self, samples: Sequence[Sample], outcomes: dict[str, ProbeOutcome]) -> None:
+        batches = iter_batches(samples, self.context.prep, self.context.batch_size, self.workers, self.on_skip)
         bar = self.context.progress(total=len(samples), desc="forward pass", unit="sample")
         tick = time.perf_counter()
         try:
             for batch in batches:
                 self.load_seconds += time.perf_counter() - tick
-                self._step(batch, taps_needed, outcomes)
+                taps = self._forward(batch, outcomes)
+                if taps is not None:
+                    self._map(batch, taps, outcomes)
                 bar.update(len(batch))
                 tick = time.perf_counter()
         finally:
             bar.close()
-        for probe in reduce_order(self.probes):
-            self._reduce(probe, outcomes[probe.name])
 
-    def _step(self, batch: Batch, taps_needed: frozenset[str], outcomes: dict[str, ProbeOutcome]) -> None:
+    def _live(self, outcomes: dict[str, ProbeOutcome]) -> list[Probe]:
+        return [p for p in self.plan.probes if outcomes[p.name].status == "ok"]
+
+    def _forward(self, batch: Batch, outcomes: dict[str, ProbeOutcome]) -> Taps | None:
+        """The model's output and the live probes' taps for one batch. A failing tap fails the probes
+        that need it (the pass is repeated without it); a failing plain pass skips the batch's samples."""
         start = time.perf_counter()
-        raw = self.context.model.forward(batch.x, taps_needed)
-        if self.context.interpretation is None:
-            self.context.interpretation = interpret(raw["output"], self.output_kind)
-            self.on_interpretation(self.context.interpretation)
-        taps = Taps(raw["output"], self.context.interpretation.probabilities(raw["output"]),
-                    {k: v for k, v in raw.items() if k != "output"})
+        needed = frozenset().union(*(p.taps() for p in self._live(outcomes)))
+        try:
+            raw = self.context.model.forward(batch.x, needed)
+        except Exception as exc:  # noqa: BLE001 - contained: a tap or a batch, never the audit
+            if not needed:
+                for sample in batch.samples:
+                    self.on_skip(sample, f"the forward pass failed on its batch ({first_line(exc)})")
+                return None
+            for probe in self._live(outcomes):
+                if probe.taps():
+                    outcomes[probe.name].fail("forward", exc)
+            self.forward_seconds += time.perf_counter() - start
+            return self._forward(batch, outcomes)
+        interpretation = self.context.interpretation
+        taps = Taps(raw["output"], interpretation.probabilities(raw["output"]), {k: v for k, v in raw.items() if k != "output"})
         self.forward_seconds += time.perf_counter() - start
-        for probe in self.probes:
+        return taps
+
+    def _map(self, batch: Batch, taps: Taps, outcomes: dict[str, ProbeOutcome]) -> None:
+        for probe in self._live(outcomes):
             outcome = outcomes[probe.name]
-            if outcome.status != "ok":
-                continue
             tick = time.perf_counter()
             try:
                 outcome.rows.append(probe.map(batch, taps))
@@ -109,17 +213,99 @@ class LocalExecutor:
                 outcome.fail("map", exc)
             outcome.seconds += time.perf_counter() - tick
 
-    def _reduce(self, probe: Probe, outcome: ProbeOutcome) -> None:
+    def missing_input(self, probe: Probe, outcomes: dict[str, ProbeOutcome]) -> str | None:
+        """Why a required input of `probe` is not there (its producer skipped, failed or not run)."""
+        for needed in probe.consumes:
+            if needed.optional:
+                continue
+            producer = self.plan.producers.get(needed.table)
+            if producer is None:
+                return f"needs table {needed.table!r}, which no probe provides"
+            state = outcomes.get(producer)
+            if state is None:
+                return f"needs {producer}'s {needed.table!r}; the {producer} probe was not run in this audit"
+            if state.status == "skipped":
+                return f"needs {producer}'s {needed.table!r}; the {producer} probe was skipped: {state.reason}"
+            if state.status == "error":
+                return f"needs {producer}'s {needed.table!r}; the {producer} probe failed: {state.error}"
+        return None
+
+    def run_probe(self, probe: Probe, outcomes: dict[str, ProbeOutcome]) -> None:
+        """select, detail, step and reduce of one probe, contained."""
+        outcome = outcomes[probe.name]
         if outcome.status != "ok":
             return
+        reason = self.missing_input(probe, outcomes)
+        if reason is not None:
+            outcome.skip(reason)
+            return
+        available = {t for t, p in self.plan.producers.items() if p in outcomes and outcomes[p].status == "ok" and p != probe.name}
         tick = time.perf_counter()
+        stage = "select"
         try:
             rows = pd.concat(outcome.rows, ignore_index=True) if outcome.rows else pd.DataFrame({"id": []})
             outcome.rows = []
-            outcome.evidence = probe.reduce(rows)
-            outcome.tables = {k: str(p.relative_to(self.context.store.root)) for k, p in probe.write_tables(rows, self.context.store).items()}
+            tables = self._write_map_table(probe, rows)
+            inputs = ProbeInputs(self.store, probe.consumes, available)
+            plan = probe.select(rows, inputs)
+            step = None
+            if plan is not None:
+                stage = "detail"
+                outcome.detail_samples = plan.samples
+                detail = DetailStage(probe, plan, rows, self.context, self.store, self.workers, self.chunk_samples)
+                bar = self.context.progress(total=plan.samples, desc=probe.name, unit="sample")
+                detail.progress = bar.update
+                try:
+                    with probe.detail_session():
+                        detail.run()
+                        if plan.step:
+                            stage = "step"
+                            batch = detail.step_batch()
+                            step = probe.step(batch) if batch is not None else None
+                finally:
+                    bar.close()
+                if step is not None:
+                    self.store.write_step(probe.name, step)
+                tables.update(detail.finish())
+            stage = "reduce"
+            own = _OwnTables(self.store, tables)
+            evidence = probe.reduce(ProbeData(rows, own, lambda name: self._own_array(probe, name), step, inputs, self.store.write_artifact))
+            for name, frame in evidence.tables.items():
+                if probe.table_spec(name).stage != "reduce":
+                    raise ContractError(f"{probe.name} returned table {name!r} from reduce, declared as a {probe.table_spec(name).stage} table")
+                tables[name] = self.store.relative(self.store.write_table(name, frame))
+            outcome.evidence = evidence
+            outcome.tables = tables
+            outcome.arrays = {s.name: f"arrays/{s.name}" for s in probe.provides
+                              if s.kind == "array" and (self.store.root / "arrays" / s.name).is_dir()}
         except KeyboardInterrupt:
             raise
-        except Exception as exc:  # noqa: BLE001
-            outcome.fail("reduce", exc)
+        except Exception as exc:  # noqa: BLE001 - one probe's failure must not stop the audit
+            outcome.fail(stage, exc)
         outcome.seconds += time.perf_counter() - tick
+
+    def _write_map_table(self, probe: Probe, rows: pd.DataFrame) -> dict[str, str]:
+        specs = [s for s in probe.provides if s.stage == "map"]
+        if len(specs) > 1:
+            raise ContractError(f"{probe.name} declares {len(specs)} map tables; map returns one")
+        return {s.name: self.store.relative(self.store.write_table(s.name, rows)) for s in specs}
+
+    def _own_array(self, probe: Probe, name: str) -> ArrayTable | None:
+        if probe.table_spec(name).kind != "array":
+            raise ContractError(f"{probe.name} reads {name!r} as an array; it is declared as rows")
+        return self.store.read_array(name)
+
+
+class _OwnTables(dict):  # type: ignore[type-arg]
+    """A probe's own tables by name, read from the store when first asked for."""
+
+    def __init__(self, store: RunStore, paths: dict[str, str]) -> None:
+        super().__init__()
+        self._store = store
+        self._paths = paths
+
+    def __missing__(self, name: str) -> pd.DataFrame:
+        if name not in self._paths:
+            raise KeyError(name)
+        self[name] = frame = self._store.read_table(name)
+        return frame

@@ -26,15 +26,28 @@ from audit.attribution.methods import (
     AttributionUnsupported,
     attribute,
     baseline_for,
+    default_methods,
+    fallback_methods,
     unsupported_reason,
 )
 from audit.errors import first_line
+from audit.metrics.declarations import ColumnSpec, MetricSpec, TableSpec
 from audit.metrics.names import scope
 from audit.models.base import Capability
-from audit.probes.base import Evidence, Probe, ProbeParams, Taps
+from audit.probes.base import (
+    DetailBatch,
+    DetailOutput,
+    DetailPlan,
+    Evidence,
+    Probe,
+    ProbeData,
+    ProbeInputs,
+    ProbeParams,
+    Taps,
+)
 from audit.probes.model_functions import (
     DELETION_BATCH,
-    detail_batches,
+    inputs_tensor,
     normalisation,
     probabilities_function,
     sample_rows,
@@ -44,10 +57,8 @@ from audit.probes.model_functions import (
 )
 from audit.probes.registry import register
 from audit.probes.sampling import detail_sample
+from audit.store import ArrayTable
 
-GRADIENT_METHODS = ["saliency", "gradient_x_input", "integrated_gradients", "smoothgrad", "gradcam", "guided_backprop",
-                    "deconvolution", "guided_gradcam", "deeplift", "gradient_shap"]
-PERTURBATION_FALLBACK = ["feature_ablation", "kernel_shap"]
 SANITY_REFERENCE = "Adebayo, Gilmer, Muelly, Goodfellow, Hardt, Kim. Sanity Checks for Saliency Maps. NeurIPS 2018."
 DELETION_REFERENCE = ("Samek, Binder, Montavon, Lapuschkin, Müller. Evaluating the Visualization of What a Deep Neural "
                       "Network Has Learned. IEEE TNNLS 2017; Petsiuk, Das, Saenko. RISE. BMVC 2018.")
@@ -96,19 +107,49 @@ class Attribution(Probe):
         "thorough": {"per_class": 128, "max_samples": 2048, "ig_steps": 64, "smoothgrad_samples": 32, "shap_samples": 32,
                      "deletion_steps": 24, "sanity_samples": 32},
     }
-    units = {"attribution.sanity_correlation": "number", "attribution.faithfulness": "number", "attribution.deletion_auc": "number",
-             "attribution.random_deletion_auc": "number", "attribution.trusted": "number"}
+    metrics = (
+        MetricSpec("attribution.sanity_correlation", ("method",), "number",
+                   "rank correlation of a method's maps with those of the model with randomised weights"),
+        MetricSpec("attribution.deletion_auc", ("method",), "number", "area under the class probability as the most relevant pixels go first"),
+        MetricSpec("attribution.random_deletion_auc", ("method",), "number", "the same area with pixels removed in random order"),
+        MetricSpec("attribution.faithfulness", ("method",), "number", "random-order area minus the method's area (above 0: faithful)"),
+        MetricSpec("attribution.trusted", ("method",), "number", "1 when the method passes both checks"),
+        MetricSpec("attribution.n", ("global",), "count", "samples explained"),
+        MetricSpec("attribution.methods_trusted", ("global",), "count", "methods that pass both checks"),
+    )
+    provides = (
+        TableSpec("attribution", "detail", "one row per sample and method that explained it", (
+            ColumnSpec("class", "text", "true class, else the prediction"),
+            ColumnSpec("domain", "text", "the sample's domain"),
+            ColumnSpec("target", "number", "the class explained (the prediction)"),
+            ColumnSpec("method", "text", "the attribution method"),
+            ColumnSpec("deletion_auc", "number", "area under the deletion curve of the method's map"),
+            ColumnSpec("random_deletion_auc", "number", "area under the random-order deletion curve"),
+        )),
+        TableSpec("attribution_maps", "detail", "each method's map of each sample, at most 64 pixels a side (float16)",
+                  kind="array", keys=("id", "method")),
+        TableSpec("attribution_failures", "detail", "a method that failed on a detail batch, and why", (
+            ColumnSpec("method", "text", "the method"),
+            ColumnSpec("status", "text", "unsupported or error"),
+            ColumnSpec("reason", "text", "why"),
+        ), keys=("batch",)),
+        TableSpec("attribution_methods", "reduce", "one row per method: whether it ran, its checks, whether it is trusted", (
+            ColumnSpec("sanity_correlation", "number", "randomisation-test rank correlation"),
+            ColumnSpec("faithfulness", "number", "random-order deletion area minus the method's"),
+            ColumnSpec("trusted", "number", "passes both checks"),
+        ), keys=("method",)),
+    )
 
     def map(self, batch, taps: Taps) -> pd.DataFrame:  # type: ignore[no-untyped-def]
         rows = sample_rows(batch, taps, self.context.classes)
         return rows.assign(target=rows["pred"])  # attributions explain the predicted class
 
-    def _plan(self) -> tuple[list[str], dict[str, dict[str, Any]], list[str]]:
+    def _methods(self) -> tuple[list[str], dict[str, dict[str, Any]], list[str]]:
         """Which methods run; for the others, why not. Never runs a method in a degraded form."""
         model = self.context.model
         module = model.torch_module()
         notes = []
-        requested = list(self.params.methods or GRADIENT_METHODS)
+        requested = list(self.params.methods or default_methods())
         status: dict[str, dict[str, Any]] = {}
         for name in requested:
             spec = METHODS[name]
@@ -120,11 +161,21 @@ class Attribution(Probe):
             why = model.capabilities.get(Capability.GRADIENTS) or "no differentiable module"
             notes.append(f"Gradient methods cannot run on this model ({why}); perturbation methods (feature ablation over a "
                          f"{self.params.grid} x {self.params.grid} grid, KernelSHAP) ran through the model's own runtime instead.")
-            for name in PERTURBATION_FALLBACK:
+            for name in fallback_methods():
                 if name not in status:
                     status[name] = {"status": "ran", "reason": None}
                     runnable.append(name)
         return runnable, status, notes
+
+    def select(self, rows: pd.DataFrame, inputs: ProbeInputs) -> DetailPlan:
+        """The stratified sample, in batches of `batch_size`; the randomisation test takes its first
+        `sanity_samples` when a gradient method runs."""
+        p = self.params
+        self._runnable, self._status, self._notes = self._methods()
+        self._chosen = detail_sample(rows, p.per_class, p.max_samples, self.context.seed, prefer="has_mask")
+        ids = self._chosen["id"].tolist()
+        randomised = any(METHODS[m].gradient for m in self._runnable)
+        return DetailPlan.of(ids if self._runnable else [], p.batch_size, step=tuple(ids[: p.sanity_samples]) if randomised else ())
 
     def _runtime_threads(self):  # type: ignore[no-untyped-def]
         """Deletion curves run the real model; for ONNX that is onnxruntime, which needs the cores to itself."""
@@ -161,66 +212,71 @@ class Attribution(Probe):
                                  kernel_shap_samples=p.kernel_shap_samples, grid=p.grid, batch_size=p.batch_size,
                                  layer=p.layer, seed=self.context.seed)
 
-    def reduce(self, rows: pd.DataFrame) -> Evidence:
-        context, p = self.context, self.params
-        runnable, status, notes = self._plan()
-        chosen = detail_sample(rows, p.per_class, p.max_samples, context.seed, prefer="has_mask")
+    def detail(self, batch: DetailBatch) -> DetailOutput:
+        """Every method's maps of one batch and their deletion areas against the random-order control."""
+        context = self.context
         module = context.model.torch_module()
-        device = context.model.device
+        x = inputs_tensor(batch, context.model.device)
+        target = torch.tensor(batch.rows["target"].to_numpy(np.int64)).to(x.device)
         settings = self._settings()
         norm = normalisation(context)
         probs_fn = probabilities_function(context)
         scores_fn = scores_function(context, module) if module is not None else None
-        records: list[pd.DataFrame] = []
-        maps: dict[str, dict[str, np.ndarray]] = {m: {} for m in runnable}
-        sanity_inputs: list[tuple[torch.Tensor, torch.Tensor]] = []
-        bar = context.progress(total=len(chosen) * max(len(runnable), 1), desc="attributions", unit="map")
-        for block, samples, _, x in detail_batches(context, chosen, p.batch_size, device):
-            target = torch.tensor(block["target"].to_numpy(np.int64)).to(device)
-            if sum(len(t) for _, t in sanity_inputs) < p.sanity_samples:
-                sanity_inputs.append((x, target))
-            results: dict[str, np.ndarray] = {}
-            for method in runnable:
-                if status[method]["status"] != "ran":
-                    continue
-                forward = scores_fn if METHODS[method].gradient else probs_fn
-                try:
-                    results[method] = attribute(method, forward, x, target, settings, norm, module=module)
-                except AttributionUnsupported as exc:
-                    status[method] = {"status": "unsupported", "reason": str(exc)}
-                except Exception as exc:  # noqa: BLE001 - one method failing must not lose the others
-                    status[method] = {"status": "error", "reason": first_line(exc)}
-                bar.update(len(samples))
-            control, ranked = self._deletion(probs_fn, x, target, results, norm)
-            for method, result in results.items():
-                records.append(block[["id", "class", "domain", "target"]].assign(
-                    method=method, deletion_auc=ranked[method], random_deletion_auc=control))
-                maps[method].update(zip(block["id"], shrink(result).astype(np.float16), strict=True))  # kept small for localisation
-        bar.close()
-        self.table = pd.concat(records, ignore_index=True) if records else pd.DataFrame(
-            columns=["id", "class", "domain", "target", "method", "deletion_auc", "random_deletion_auc"])
-        ran = [m for m in runnable if status[m]["status"] == "ran"]
-        sanity = self._sanity(ran, sanity_inputs, module, settings, norm)
-        return self._evidence(ran, status, sanity, maps, notes, chosen)
+        results: dict[str, np.ndarray] = {}
+        failures = []
+        for method in self._runnable:
+            forward = scores_fn if METHODS[method].gradient else probs_fn
+            try:
+                results[method] = attribute(method, forward, x, target, settings, norm, module=module)
+            except AttributionUnsupported as exc:
+                failures.append({"batch": batch.index, "method": method, "status": "unsupported", "reason": str(exc)})
+            except Exception as exc:  # noqa: BLE001 - one method failing must not lose the others
+                failures.append({"batch": batch.index, "method": method, "status": "error", "reason": first_line(exc)})
+        output = DetailOutput()
+        if failures:
+            output.tables["attribution_failures"] = pd.DataFrame(failures)
+        if not results:
+            return output
+        control, ranked = self._deletion(probs_fn, x, target, results, norm)
+        block = batch.rows[["id", "class", "domain", "target"]]
+        output.tables["attribution"] = pd.concat([block.assign(method=method, deletion_auc=ranked[method], random_deletion_auc=control)
+                                                  for method in results], ignore_index=True)
+        names = list(results)
+        output.arrays["attribution_maps"] = ArrayTable(
+            pd.DataFrame({"id": np.tile(np.asarray(batch.ids, dtype=object), len(names)), "method": np.repeat(names, len(batch))}),
+            {"map": np.concatenate([shrink(results[m]).astype(np.float16) for m in names])})  # kept small for localisation
+        return output
 
-    def _sanity(self, methods: list[str], inputs: list[tuple[torch.Tensor, torch.Tensor]], module: Any, settings: AttributionParams,
+    def step(self, batch: DetailBatch) -> dict[str, Any]:
+        """Cascading randomisation of every gradient method (Adebayo et al.), on the step's samples."""
+        x = inputs_tensor(batch, self.context.model.device)
+        target = torch.tensor(batch.rows["target"].to_numpy(np.int64)).to(x.device)
+        gradient = [m for m in self._runnable if METHODS[m].gradient]
+        return self._sanity(gradient, x, target, self.context.model.torch_module(), self._settings(), normalisation(self.context))
+
+    def reduce(self, data: ProbeData) -> Evidence:
+        status = {m: dict(v) for m, v in self._status.items()}
+        failures = data.tables["attribution_failures"]
+        for row in failures.sort_values("batch", kind="stable").itertuples():
+            if status[row.method]["status"] == "ran":  # the first batch a method failed on says why
+                status[row.method] = {"status": row.status, "reason": row.reason}
+        ran = [m for m in self._runnable if status[m]["status"] == "ran"]
+        sanity = {m: v for m, v in (data.step or {}).items() if m in ran}
+        if len(self._chosen):
+            for method in ran:
+                if not METHODS[method].gradient:
+                    sanity[method] = {"correlation": None, "layers": [], "steps": [], "note": "perturbation method: reads the model only through its outputs"}
+        return self._evidence(ran, status, sanity, self._notes, self._chosen, data.tables["attribution"])
+
+    def _sanity(self, gradient: list[str], x: torch.Tensor, target: torch.Tensor, module: Any, settings: AttributionParams,
                 norm: Any) -> dict[str, dict[str, Any]]:
-        """Cascading randomisation per gradient method; perturbation methods read only outputs, nothing to randomise."""
+        """Cascading randomisation per gradient method (perturbation methods read only outputs: nothing to randomise)."""
         out: dict[str, dict[str, Any]] = {}
-        if not inputs:
-            return out
-        x = torch.cat([t for t, _ in inputs])[: self.params.sanity_samples]
-        target = torch.cat([t for _, t in inputs])[: self.params.sanity_samples]
         interpretation = self.context.interpretation
-        assert interpretation is not None
 
         def make_forward(m: torch.nn.Module):  # type: ignore[no-untyped-def]
             return lambda t: interpretation.torch_scores(m(t))
 
-        gradient = [m for m in methods if METHODS[m].gradient]
-        for method in methods:
-            if method not in gradient:
-                out[method] = {"correlation": None, "layers": [], "steps": [], "note": "perturbation method: reads the model only through its outputs"}
         if not gradient:
             return out
         try:
@@ -236,14 +292,13 @@ class Attribution(Probe):
         return out
 
     def _evidence(self, ran: list[str], status: dict[str, dict[str, Any]], sanity: dict[str, dict[str, Any]],
-                  maps: dict[str, dict[str, np.ndarray]], notes: list[str], chosen: pd.DataFrame) -> Evidence:
-        evidence = Evidence(notes=notes)
-        table = self.table
+                  notes: list[str], chosen: pd.DataFrame, table: pd.DataFrame) -> Evidence:
+        evidence = Evidence(notes=list(notes))
         threshold = self.params.sanity_threshold
         rows = []
         for name, state in status.items():
             spec = METHODS[name]
-            row: dict[str, Any] = {"method": name, "title": spec.title, "reference": spec.reference, **state}
+            row: dict[str, Any] = {"method": name, "title": spec.title, "short_title": spec.short_title, "reference": spec.reference, **state}
             group = table[table["method"] == name]
             if name in ran and len(group):
                 s = scope(method=name)
@@ -270,12 +325,7 @@ class Attribution(Probe):
             row["faithfulness_rank"] = rank
         evidence.add("attribution.n", len(chosen))
         evidence.add("attribution.methods_trusted", len(trusted))
-        self.context.handoff[self.name] = {
-            "maps": {m: maps[m] for m in ran},
-            "methods": {r["method"]: r for r in rows},
-            "trusted": [r["method"] for r in trusted],
-            "chosen": best["method"] if best else None,
-        }
+        evidence.tables["attribution_methods"] = method_table(rows)
         evidence.details = {
             "samples": int(len(chosen)),
             "per_class": {str(k): int(v) for k, v in chosen["class"].value_counts().sort_index().items()},
@@ -291,8 +341,15 @@ class Attribution(Probe):
         evidence.references = sorted({METHODS[m].reference for m in ran} | {SANITY_REFERENCE, DELETION_REFERENCE})
         return evidence
 
-    def write_tables(self, rows: pd.DataFrame, store) -> dict:  # type: ignore[no-untyped-def]
-        return {self.name: store.write_table(self.name, self.table)}
+
+def method_table(rows: list[dict[str, Any]]) -> pd.DataFrame:
+    """The method comparison as a table (the per-layer curves stay in the details)."""
+    frame = pd.DataFrame([{k: v for k, v in r.items() if k not in ("sanity_layers", "sanity_steps", "reference")} for r in rows])
+    for column in ("passes_sanity", "faithful", "trusted"):
+        frame[column] = frame[column].astype("boolean") if column in frame else pd.array([pd.NA] * len(frame), dtype="boolean")
+    for column in ("faithfulness", "deletion_auc", "random_deletion_auc", "sanity_correlation"):
+        frame[column] = pd.to_numeric(frame[column], errors="coerce") if column in frame else np.nan
+    return frame
 
 
 def _trust_sentence(row: dict[str, Any], threshold: float) -> str:

@@ -20,14 +20,34 @@ import torch
 from pydantic import Field
 
 from audit.backgrounds import counterfactuals
+from audit.metrics.declarations import ColumnSpec, MetricSpec, TableSpec
 from audit.metrics.names import scope
-from audit.probes.base import Evidence, Probe, ProbeParams, Taps
-from audit.probes.model_functions import detail_batches, load_masks, probabilities_function, sample_rows, shrink
+from audit.probes.base import (
+    Consumes,
+    DetailBatch,
+    DetailBatchSpec,
+    DetailOutput,
+    DetailPlan,
+    Evidence,
+    Probe,
+    ProbeData,
+    ProbeInputs,
+    ProbeParams,
+    Taps,
+)
+from audit.probes.model_functions import (
+    load_masks,
+    probabilities_function,
+    sample_rows,
+    shrink,
+)
 from audit.probes.registry import register
 from audit.probes.sampling import detail_sample, id_rank
+from audit.store import ArrayTable
 from audit.thumbnails import to_display
 
 VARIANTS = ("only_bg_t", "mixed_same", "mixed_rand")
+MASK_BATCH = 256  # masks read per batch for localising maps (no model call: any size gives the same fractions)
 GREY = 0.5  # what replaces a removed region: mid-grey in pixel space, whatever the normalisation
 REGION_METHOD = "object_background_shapley"
 REGION_REASON = (
@@ -113,12 +133,61 @@ class Background(Probe):
         "object's mask, and the model is shown each object on other backgrounds and the background alone."
     )
     Params = BackgroundParams
-    after = ("attribution", "occlusion")
     profile_defaults = {"smoke": {"per_class": 24, "max_samples": 120, "batch_size": 64}, "thorough": {"per_class": 500, "max_samples": 5000}}
     references = [XIAO, POINTING, "Shapley. A Value for n-Person Games. 1953; Lundberg, Lee. A Unified Approach to Interpreting Model Predictions (SHAP). NeurIPS 2017."]
-    units = {"background.outside_ratio": "ratio", "background.outside_share": "percent", "background.pointing_game": "percent",
-             "background.bg_gap": "percent", "background.flip_rate": "percent", "background.only_bg_excess": "percent",
-             "background.still_predicted": "percent"}
+    consumes = (
+        Consumes("attribution_methods", optional=True),
+        Consumes("attribution_maps", optional=True),
+        Consumes("occlusion", optional=True),
+        Consumes("occlusion_maps", optional=True),
+    )
+    metrics = (
+        MetricSpec("background.outside_ratio", ("global", "class", "method"), "ratio",
+                   "share of positive evidence on the background over the background's share of the image (1: no preference)"),
+        MetricSpec("background.outside_share", ("global", "class"), "percent", "share of positive evidence on the background"),
+        MetricSpec("background.pointing_game", ("global", "class"), "percent", "samples whose strongest evidence lies on the object"),
+        *(MetricSpec(f"background.{v}_accuracy", ("global", "class"), "percent", f"accuracy on the {label}")
+          for v, label in (("original", "original images"), ("only_bg_t", "background alone, object removed"),
+                           ("mixed_same", "object on a background of its own class"),
+                           ("mixed_rand", "object on a background of another class"))),
+        MetricSpec("background.bg_gap", ("global", "class"), "percent", "mixed-same accuracy minus mixed-rand accuracy (Xiao et al.)"),
+        MetricSpec("background.flip_rate", ("global", "class"), "percent", "correct predictions that change when the background is another class's"),
+        MetricSpec("background.still_predicted", ("class",), "percent", "with the object removed, the class is still predicted"),
+        MetricSpec("background.only_bg_excess", ("class",), "percent",
+                   "still-predicted rate minus how often other classes' backgrounds alone are called this class"),
+    )
+    provides = (
+        TableSpec("background_swaps", "detail", "the model's answers on each swapped sample and the region Shapley values", (
+            ColumnSpec("reference", "number", "the class judged (true class, else the prediction)"),
+            ColumnSpec("pred_original", "number", "prediction on the original image"),
+            ColumnSpec("phi_object", "number", "Shapley value of the object for the explained class probability"),
+            ColumnSpec("phi_background", "number", "Shapley value of the background"),
+            ColumnSpec("outside_share", "percent", "the background's share of the positive Shapley value"),
+            ColumnSpec("background_area", "percent", "the background's share of the image"),
+            ColumnSpec("outside_ratio", "ratio", "outside share over background area"),
+            ColumnSpec("pointing_hit", "number", "1 when the object's Shapley value is at least the background's"),
+            *(ColumnSpec(f"pred_{v}", "number", f"prediction on the {v} variant (-1: no valid variant)") for v in VARIANTS),
+        )),
+        TableSpec("background_gallery", "detail", "per batch and class, the samples a gallery could show, with their display images",
+                  kind="array", keys=("id", "class", "mapped", "ratio", "flipped", "batch", "position")),
+        TableSpec("background_masks", "detail", "each masked sample's object fraction at attribution-map resolution", kind="array"),
+        TableSpec("background", "reduce", "one row per swapped sample: answers, Shapley localisation and the judging method", (
+            ColumnSpec("class", "text", "true class, else the prediction"),
+            ColumnSpec("domain", "text", "the sample's domain"),
+            ColumnSpec("outside_ratio", "ratio", "background share of the evidence over the background's share of the image"),
+            ColumnSpec("outside_share", "percent", "background share of the evidence"),
+            *(ColumnSpec(f"correct_{v}", "number", f"correct on the {v} image") for v in ("original", *VARIANTS)),
+            ColumnSpec("flipped", "number", "correct, and changed by another class's background"),
+            ColumnSpec("still_predicted", "number", "the class is still predicted with the object removed"),
+            ColumnSpec("method", "text", "the method the localisation comes from"),
+        )),
+        TableSpec("background_methods", "reduce", "localisation of every map method against the masks", (
+            ColumnSpec("method", "text", "the map method"),
+            ColumnSpec("outside_share", "percent", "background share of the positive attribution"),
+            ColumnSpec("outside_ratio", "ratio", "outside share over background area"),
+            ColumnSpec("pointing_hit", "number", "the map's maximum lies on the object"),
+        )),
+    )
 
     def skip_reason(self) -> str | None:
         if not self.context.manifest.has_masks:
@@ -128,12 +197,125 @@ class Background(Probe):
     def map(self, batch, taps: Taps) -> pd.DataFrame:  # type: ignore[no-untyped-def]
         return sample_rows(batch, taps, self.context.classes)
 
-    def reduce(self, rows: pd.DataFrame) -> Evidence:
+    def select(self, rows: pd.DataFrame, inputs: ProbeInputs) -> DetailPlan:
+        """Swap batches per domain (classes mixed within a batch, as the swaps draw backgrounds from
+        it), then batches of masks for every masked sample a consumed map covers."""
+        context, p = self.context, self.params
         masked = rows[rows["has_mask"]]
-        methods, best_map_method, best_map_reason = self._methods()
-        mapped = set().union(*(maps.keys() for maps in methods.values())) if methods else set()
-        swaps = self._swaps(detail_sample(masked, self.params.per_class, self.params.max_samples, self.context.seed + 1), mapped)
-        located = pd.concat([self._region_rows(swaps), self._localise(methods, set(masked["id"]))], ignore_index=True)
+        self._maps, self._best, self._best_reason = self._methods(inputs)
+        mapped = set().union(*(maps.keys() for maps in self._maps.values())) if self._maps else set()
+        self._mapped = mapped
+        batches: list[DetailBatchSpec] = []
+        chosen = detail_sample(masked, p.per_class, p.max_samples, context.seed + 1)
+        for _, group in chosen.groupby(chosen["domain"].fillna(""), sort=True) if len(chosen) else []:
+            ids = group["id"].to_numpy()[np.argsort(id_rank(group["id"], context.seed), kind="stable")].tolist()
+            batches.extend(DetailPlan.of(ids, p.batch_size, kind="swap").batches)
+        wanted = set(masked["id"]) & mapped
+        in_order = [s.id for s in context.manifest.samples if s.id in wanted]
+        batches.extend(DetailPlan.of(in_order, MASK_BATCH, kind="masks", inputs=False).batches)
+        return DetailPlan(tuple(batches))
+
+    def _methods(self, inputs: ProbeInputs) -> tuple[dict[str, dict[str, np.ndarray]], str | None, str]:
+        """The maps the attribution and occlusion probes stored, and the most faithful trusted method."""
+        maps: dict[str, dict[str, np.ndarray]] = {}
+        candidates: list[tuple[float, str, str]] = []
+        methods = inputs.table("attribution_methods")
+        attribution_maps = inputs.array("attribution_maps")
+        if methods is not None:
+            ran = methods[methods["status"] == "ran"]
+            for method in ran["method"]:
+                maps[method] = attribution_maps.by_key(method) if attribution_maps is not None else {}
+            for row in ran[ran["trusted"].fillna(False).astype(bool)].itertuples():
+                candidates.append((float(row.faithfulness), row.method, f"{row.title}, the most faithful trusted attribution method"))
+        occlusion, occlusion_maps = inputs.table("occlusion"), inputs.array("occlusion_maps")
+        if occlusion is not None and occlusion_maps is not None and len(occlusion_maps):
+            maps["occlusion"] = dict(zip(occlusion_maps.keys["id"].astype(str), occlusion_maps.values["map"], strict=True))
+            faithfulness = float((occlusion["random_deletion_auc"] - occlusion["deletion_auc"]).mean()) if len(occlusion) else None
+            if faithfulness is not None and faithfulness > 0:
+                candidates.append((faithfulness, "occlusion", "occlusion, which needs only forward passes and deletes evidence faster than random order"))
+        if not candidates:
+            return maps, None, "no trusted method"
+        faith, method, reason = max(candidates)
+        return maps, method, f"Judged by {reason} (faithfulness {faith:.3f})."
+
+    def detail(self, batch: DetailBatch) -> DetailOutput:
+        return self._swap(batch) if batch.kind == "swap" else self._mask_fractions(batch)
+
+    def _mask_fractions(self, batch: DetailBatch) -> DetailOutput:
+        full, ok = load_masks(batch.samples, self.context.prep.input_size)
+        if not ok.any():
+            return DetailOutput()
+        side = max(next(m[i] for m in self._maps.values() for i in m).shape)  # every map has the same size
+        ids = [s.id for s, k in zip(batch.samples, ok, strict=True) if k]
+        return DetailOutput(arrays={"background_masks": ArrayTable(pd.DataFrame({"id": ids}), {"fraction": shrink(full[ok].astype(np.float32), side)})})
+
+    def _swap(self, batch: DetailBatch) -> DetailOutput:
+        """Predictions on only-bg-t, mixed-same and mixed-rand versions of each image of the batch.
+
+        Keeps, per class, display copies of only the few samples a gallery could show (those with
+        heatmaps first, then the highest background ratio): memory stays bounded on large audits."""
+        context = self.context
+        masks, ok = load_masks(batch.samples, context.prep.input_size)
+        if not ok.any():
+            return DetailOutput()
+        forward = probabilities_function(context)
+        names = context.classes
+        assert batch.raw is not None
+        samples, raw, masks, block = [s for s, k in zip(batch.samples, ok, strict=True) if k], batch.raw[ok], masks[ok], batch.rows[ok].reset_index(drop=True)
+        reference = block["reference"].to_numpy()
+        variants = counterfactuals(raw, masks, [names[r] for r in reference], context.seed)
+        grey = np.full_like(raw, GREY)
+        object_only = np.where(masks[:, None], raw, grey)
+        stack = [raw] + [variants[v][0] for v in VARIANTS] + [object_only, grey]
+        probs = forward(torch.from_numpy(context.prep.normalise(np.concatenate(stack)))).numpy()
+        probs = probs.reshape(len(stack), len(samples), -1)
+        preds = probs.argmax(axis=2)
+        frame = pd.DataFrame({"id": block["id"], "reference": reference, "pred_original": preds[0]})
+        explained = np.arange(len(samples)), preds[0]
+        frame = pd.concat([frame, region_shapley(
+            probs[0][explained], probs[4][explained], probs[1][explained], probs[5][explained], masks)], axis=1)
+        for k, variant in enumerate(VARIANTS, start=1):
+            valid = variants[variant][1]
+            frame[f"pred_{variant}"] = np.where(valid, preds[k], -1)
+        output = DetailOutput(tables={"background_swaps": frame})
+        if context.sample_images and self.params.gallery_per_class:
+            gallery = self._gallery_candidates(batch.index, frame, raw, masks, variants)
+            if gallery is not None:
+                output.arrays["background_gallery"] = gallery
+        return output
+
+    def _gallery_candidates(self, index: int, frame: pd.DataFrame, raw: np.ndarray, masks: np.ndarray,
+                            variants: dict[str, tuple[np.ndarray, np.ndarray]]) -> ArrayTable | None:
+        """Per class, the batch's best `gallery_per_class` candidates (heatmap first, then background
+        ratio, then flipped; earlier first on ties) with their display images; `reduce` keeps the
+        best of all batches by the same order, which is what keeping a running top list would give."""
+        names = self.context.classes
+        flipped = (frame["pred_original"] == frame["reference"]) & (frame["pred_mixed_rand"] >= 0) & (frame["pred_mixed_rand"] != frame["pred_original"])
+        keys = pd.DataFrame({
+            "id": frame["id"].astype(str),
+            "class": [names[int(r)] for r in frame["reference"]],
+            "mapped": frame["id"].isin(self._mapped).to_numpy(),
+            "ratio": frame["outside_ratio"].fillna(0.0).astype(float).to_numpy(),
+            "flipped": flipped.astype(float).to_numpy(),
+            "batch": index,
+            "position": np.arange(len(frame)),
+        })
+        rows = _best_candidates(keys, self.params.gallery_per_class)
+        if not len(rows):
+            return None
+        return ArrayTable(keys.iloc[rows], {
+            "input": np.stack([to_display(raw[j]) for j in rows]),
+            "mask": masks[rows],
+            **{f"variant_{v}": np.stack([to_display(variants[v][0][j]) for j in rows]) for v in VARIANTS},
+        })
+
+    def reduce(self, data: ProbeData) -> Evidence:
+        rows = data.rows
+        swaps = _judged(data.tables["background_swaps"])
+        fractions = data.arrays("background_masks")
+        masks = dict(zip(fractions.keys["id"].astype(str), fractions.values["fraction"], strict=True)) if fractions is not None else {}
+        located = pd.concat([self._region_rows(swaps), self._localise(self._maps, masks)], ignore_index=True)
+        best_map_method, best_map_reason = self._best, self._best_reason
         chosen = REGION_METHOD if len(swaps) else best_map_method
         chosen_reason = REGION_REASON if len(swaps) else best_map_reason
         table = swaps.merge(rows[["id", "class", "domain"]], on="id", how="left") if len(swaps) else rows.iloc[:0][["id", "class", "domain"]]
@@ -145,9 +327,9 @@ class Background(Probe):
                 info = rows.set_index("id").loc[table.loc[missing, "id"], ["class", "domain"]]
                 table.loc[missing, ["class", "domain"]] = info.to_numpy()
         table["method"] = chosen
-        self.table = table
-        self.methods_table = located.merge(rows[["id", "class", "domain"]], on="id", how="left") if len(located) else located
+        methods_table = located.merge(rows[["id", "class", "domain"]], on="id", how="left") if len(located) else located
         evidence = self._metrics(table, located, chosen)
+        evidence.tables = {"background": table, "background_methods": methods_table}
         evidence.details = {
             "chosen": chosen,
             "chosen_reason": chosen_reason,
@@ -158,44 +340,15 @@ class Background(Probe):
             "classes": (summaries := self._class_summaries(table)),
             "explanations": {scope(class_=c): plain_words(c, v) for c, v in summaries.items()},
             "per_method": self._method_summaries(located),
-            "galleries": self._galleries(table, methods) if self.context.sample_images else {},
+            "galleries": self._galleries(table, data) if self.context.sample_images else {},
         }
         if chosen is None:
             evidence.notes.append("No attribution method is trusted on this model, so background reliance is judged from the "
                                   "background swaps only.")
         return evidence
 
-    def _methods(self) -> tuple[dict[str, dict[str, np.ndarray]], str | None, str]:
-        """Maps handed over by the attribution and occlusion probes, and the most faithful trusted one."""
-        handoff = self.context.handoff
-        maps: dict[str, dict[str, np.ndarray]] = {}
-        candidates: list[tuple[float, str, str]] = []
-        attribution = handoff.get("attribution")
-        if attribution:
-            for method, method_maps in attribution["maps"].items():
-                maps[method] = method_maps
-            for method in attribution["trusted"]:
-                row = attribution["methods"][method]
-                candidates.append((row["faithfulness"], method, f"{row['title']}, the most faithful trusted attribution method"))
-        occlusion = handoff.get("occlusion")
-        if occlusion and occlusion["maps"]:
-            maps["occlusion"] = occlusion["maps"]
-            if occlusion["faithfulness"] is not None and occlusion["faithfulness"] > 0:
-                candidates.append((occlusion["faithfulness"], "occlusion",
-                                   "occlusion, which needs only forward passes and deletes evidence faster than random order"))
-        if not candidates:
-            return maps, None, "no trusted method"
-        faith, method, reason = max(candidates)
-        return maps, method, f"Judged by {reason} (faithfulness {faith:.3f})."
-
-    def _localise(self, methods: dict[str, dict[str, np.ndarray]], masked_ids: set[str]) -> pd.DataFrame:
-        wanted = sorted(masked_ids & set().union(*(maps.keys() for maps in methods.values()))) if methods else []
-        samples = [s for s in self.context.manifest.samples if s.id in set(wanted)]
-        full, ok = load_masks(samples, self.context.prep.input_size)
-        fractions: dict[str, np.ndarray] = {}
-        if ok.any():  # every map has the same size, so each mask is shrunk once
-            side = max(next(m[i] for m in methods.values() for i in m).shape)
-            fractions = dict(zip([s.id for s, k in zip(samples, ok, strict=True) if k], shrink(full[ok].astype(np.float32), side), strict=True))
+    @staticmethod
+    def _localise(methods: dict[str, dict[str, np.ndarray]], fractions: dict[str, np.ndarray]) -> pd.DataFrame:
         frames = []
         for method, maps in methods.items():
             ids = [i for i in maps if i in fractions]
@@ -205,77 +358,11 @@ class Background(Probe):
         return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(
             columns=["outside_share", "background_area", "outside_ratio", "pointing_hit", "id", "method"])
 
-    def _swaps(self, chosen: pd.DataFrame, mapped: set[str]) -> pd.DataFrame:
-        """Predictions on only-bg-t, mixed-same and mixed-rand versions of each chosen image (per domain).
-
-        Keeps, per class, display copies of only the few samples a gallery could show (those with
-        heatmaps first, then the highest background ratio): memory stays bounded on large audits."""
-        context = self.context
-        self._candidates: dict[str, list[tuple[tuple[bool, float, float], str, dict[str, np.ndarray]]]] = {}
-        if chosen.empty:
-            return pd.DataFrame()
-        forward = probabilities_function(context)
-        names = context.classes
-        frames = []
-        bar = context.progress(total=len(chosen), desc="background swaps", unit="sample")
-        for _, group in chosen.groupby(chosen["domain"].fillna(""), sort=True):
-            group = group.iloc[np.argsort(id_rank(group["id"], context.seed), kind="stable")]  # mix classes within each chunk
-            for block, samples, raw, _ in detail_batches(context, group, self.params.batch_size):
-                masks, ok = load_masks(samples, context.prep.input_size)
-                if not ok.any():
-                    continue
-                samples, raw, masks, block = [s for s, k in zip(samples, ok, strict=True) if k], raw[ok], masks[ok], block[ok].reset_index(drop=True)
-                reference = block["reference"].to_numpy()
-                variants = counterfactuals(raw, masks, [names[r] for r in reference], context.seed)
-                grey = np.full_like(raw, GREY)
-                object_only = np.where(masks[:, None], raw, grey)
-                stack = [raw] + [variants[v][0] for v in VARIANTS] + [object_only, grey]
-                probs = forward(torch.from_numpy(context.prep.normalise(np.concatenate(stack)))).numpy()
-                probs = probs.reshape(len(stack), len(samples), -1)
-                preds = probs.argmax(axis=2)
-                frame = pd.DataFrame({"id": block["id"], "reference": reference, "pred_original": preds[0]})
-                explained = np.arange(len(samples)), preds[0]
-                frame = pd.concat([frame, region_shapley(
-                    probs[0][explained], probs[4][explained], probs[1][explained], probs[5][explained], masks)], axis=1)
-                for k, variant in enumerate(VARIANTS, start=1):
-                    valid = variants[variant][1]
-                    frame[f"pred_{variant}"] = np.where(valid, preds[k], -1)
-                frames.append(frame)
-                if context.sample_images and self.params.gallery_per_class:
-                    self._keep_candidates(frame, raw, masks, variants, mapped)
-                bar.update(len(samples))
-        bar.close()
-        table = pd.concat(frames, ignore_index=True)
-        ok_orig = table["pred_original"] == table["reference"]
-        for variant in VARIANTS:
-            pred = table[f"pred_{variant}"]
-            table[f"correct_{variant}"] = pd.array(np.where(pred >= 0, pred == table["reference"], False), dtype="boolean")
-            table.loc[pred < 0, f"correct_{variant}"] = pd.NA
-        table["correct_original"] = ok_orig
-        rand = table["pred_mixed_rand"]
-        table["flipped"] = pd.array(np.where((rand >= 0) & ok_orig, rand != table["pred_original"], False), dtype="boolean")
-        table.loc[(rand < 0) | ~ok_orig, "flipped"] = pd.NA
-        table["still_predicted"] = table["correct_only_bg_t"]
-        return table
-
     def _region_rows(self, swaps: pd.DataFrame) -> pd.DataFrame:
         """The object/background Shapley localisation, in the same shape as the map-based rows."""
         if swaps.empty:
             return pd.DataFrame()
         return swaps[["id", "outside_share", "background_area", "outside_ratio", "pointing_hit"]].assign(method=REGION_METHOD)
-
-    def _keep_candidates(self, frame: pd.DataFrame, raw: np.ndarray, masks: np.ndarray,
-                         variants: dict[str, tuple[np.ndarray, np.ndarray]], mapped: set[str]) -> None:
-        names = self.context.classes
-        flipped = (frame["pred_original"] == frame["reference"]) & (frame["pred_mixed_rand"] >= 0) & (frame["pred_mixed_rand"] != frame["pred_original"])
-        for j, row in enumerate(frame.itertuples()):
-            key = (row.id in mapped, 0.0 if pd.isna(row.outside_ratio) else float(row.outside_ratio), float(flipped.iloc[j]))
-            kept = self._candidates.setdefault(names[int(row.reference)], [])
-            if len(kept) < self.params.gallery_per_class or key > min(k for k, _, _ in kept):
-                bundle = {"input": to_display(raw[j]), "mask": masks[j], **{f"variant_{v}": to_display(variants[v][0][j]) for v in VARIANTS}}
-                kept.append((key, row.id, bundle))
-                kept.sort(key=lambda item: item[0], reverse=True)
-                del kept[self.params.gallery_per_class :]
 
     def _metrics(self, table: pd.DataFrame, located: pd.DataFrame, chosen: str | None) -> Evidence:
         evidence = Evidence()
@@ -340,34 +427,59 @@ class Background(Probe):
                  "outside_ratio": float(g["outside_ratio"].mean()), "pointing_game": float(g["pointing_hit"].mean())}
                 for m, g in located.groupby("method", sort=True)] if len(located) else []
 
-    def _galleries(self, table: pd.DataFrame, methods: dict[str, dict[str, np.ndarray]]) -> dict[str, list[dict[str, Any]]]:
+    def _galleries(self, table: pd.DataFrame, data: ProbeData) -> dict[str, list[dict[str, Any]]]:
         """For the classes that lean on the background most, their worst samples as small array bundles
         (input, mask, every map, the counterfactuals); the report draws them."""
-        if table.empty or self.params.gallery_classes == 0:
+        candidates = data.arrays("background_gallery")
+        if table.empty or self.params.gallery_classes == 0 or candidates is None:
             return {}
         score = table.assign(rank_ratio=table.get("outside_ratio", pd.Series(np.nan, index=table.index)).fillna(0.0),
                              rank_flip=table["flipped"].astype("Float64").fillna(0.0) if "flipped" in table else 0.0)
         ranking = score.groupby("class")[["rank_ratio", "rank_flip"]].mean().assign(rank_key=lambda f: f["rank_ratio"] + f["rank_flip"])
         rows = table.set_index("id")
         names = self.context.classes
+        best = _best_candidates(candidates.keys, self.params.gallery_per_class)
         galleries: dict[str, list[dict[str, Any]]] = {}
         for cls in ranking.sort_values("rank_key", ascending=False).index[: self.params.gallery_classes]:
             entries = []
-            for (_, ratio, _), sample_id, bundle in self._candidates.get(str(cls), []):
-                arrays = dict(bundle)
-                arrays.update({f"map_{m}": maps[sample_id].astype(np.float16) for m, maps in methods.items() if sample_id in maps})
+            for j in best[candidates.keys["class"].iloc[best].to_numpy() == str(cls)]:
+                sample_id = str(candidates.keys["id"].iat[j])
+                arrays = {name: values[j] for name, values in candidates.values.items()}
+                arrays.update({f"map_{m}": maps[sample_id].astype(np.float16) for m, maps in self._maps.items() if sample_id in maps})
                 buffer = io.BytesIO()
                 np.savez_compressed(buffer, **arrays)
                 row = rows.loc[sample_id]
                 entries.append({
                     "id": sample_id,
-                    "artifact": self.context.store.write_artifact(buffer.getvalue(), ".npz"),
-                    "outside_ratio": ratio,
+                    "artifact": data.write_artifact(buffer.getvalue(), ".npz"),
+                    "outside_ratio": float(candidates.keys["ratio"].iat[j]),
                     "predictions": {v: (names[int(row[f"pred_{v}"])] if row[f"pred_{v}"] >= 0 else None) for v in ("original", *VARIANTS)},
                 })
             galleries[str(cls)] = entries
         return galleries
 
-    def write_tables(self, rows: pd.DataFrame, store) -> dict:  # type: ignore[no-untyped-def]
-        return {self.name: store.write_table(self.name, self.table),
-                "background_methods": store.write_table("background_methods", self.methods_table)}
+
+def _best_candidates(keys: pd.DataFrame, per_class: int) -> np.ndarray:
+    """Row positions of each class's best `per_class` gallery candidates, best first: a heatmap,
+    then the background ratio, then flipped, descending; earlier batches and rows first on ties."""
+    order = keys.assign(_row=np.arange(len(keys))).sort_values(
+        ["mapped", "ratio", "flipped", "batch", "position"], ascending=[False, False, False, True, True], kind="stable")
+    return order.groupby("class", sort=False).head(per_class)["_row"].to_numpy()
+
+
+def _judged(swaps: pd.DataFrame) -> pd.DataFrame:
+    """Which answers on the swapped images are correct, flipped and still predicted."""
+    if swaps.empty:
+        return pd.DataFrame()
+    table = swaps.copy()
+    ok_orig = table["pred_original"] == table["reference"]
+    for variant in VARIANTS:
+        pred = table[f"pred_{variant}"]
+        table[f"correct_{variant}"] = pd.array(np.where(pred >= 0, pred == table["reference"], False), dtype="boolean")
+        table.loc[pred < 0, f"correct_{variant}"] = pd.NA
+    table["correct_original"] = ok_orig
+    rand = table["pred_mixed_rand"]
+    table["flipped"] = pd.array(np.where((rand >= 0) & ok_orig, rand != table["pred_original"], False), dtype="boolean")
+    table.loc[(rand < 0) | ~ok_orig, "flipped"] = pd.NA
+    table["still_predicted"] = table["correct_only_bg_t"]
+    return table

@@ -20,7 +20,7 @@ from audit.errors import SampleError
 
 if TYPE_CHECKING:
     from audit.manifest import Sample
-    from audit.probes.base import RunContext
+    from audit.probes.base import DetailBatch, RunContext
 
 MAP_SIDE = 64  # maps handed between probes and kept for galleries are at most this many pixels a side
 DELETION_BATCH = 256  # images built per step of a deletion curve; the runtime still gets them in run-sized calls
@@ -45,7 +45,6 @@ def probabilities_function(context: RunContext) -> Callable[[torch.Tensor], torc
     64 on the demo model in onnxruntime)."""
     interpretation = context.interpretation
     chunk = max(1, context.batch_size)
-    assert interpretation is not None
 
     def forward(x: torch.Tensor) -> torch.Tensor:
         array = x.detach().cpu().numpy().astype(np.float32, copy=False)
@@ -58,7 +57,6 @@ def probabilities_function(context: RunContext) -> Callable[[torch.Tensor], torc
 def scores_function(context: RunContext, module: torch.nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
     """Differentiable per-class scores (logits where the model has them) for gradient methods."""
     interpretation = context.interpretation
-    assert interpretation is not None
     return lambda x: interpretation.torch_scores(module(x))
 
 
@@ -103,18 +101,7 @@ def torch_threads(count: int) -> Iterator[None]:
         torch.set_num_threads(previous)
 
 
-def chunks(n: int, size: int) -> list[slice]:
-    return [slice(i, min(i + size, n)) for i in range(0, n, size)]
-
-
-def detail_batches(context: RunContext, rows: pd.DataFrame, batch_size: int, device: str = "cpu"
-                   ) -> Iterator[tuple[pd.DataFrame, list[Sample], np.ndarray, torch.Tensor]]:
-    """The chosen rows in batches: (rows of the readable samples, the samples, raw inputs, normalised tensor)."""
-    by_id = {s.id: s for s in context.manifest.samples}
-    for part in chunks(len(rows), batch_size):
-        block = rows.iloc[part]
-        samples, raw = context.load_inputs([by_id[i] for i in block["id"]])
-        if not samples:
-            continue
-        block = block.set_index("id").loc[[s.id for s in samples]].reset_index()
-        yield block, samples, raw, torch.from_numpy(context.prep.normalise(raw)).to(device)
+def inputs_tensor(batch: DetailBatch, device: str = "cpu") -> torch.Tensor:
+    """A detail batch's normalised inputs as an NCHW tensor on `device`."""
+    assert batch.x is not None, "the batch was planned without inputs"
+    return torch.from_numpy(batch.x).to(device)

@@ -7,7 +7,9 @@ probability drop when the object is covered, against covering the same area of b
 
 from __future__ import annotations
 
-from typing import Any, Literal
+import contextlib
+from collections.abc import Iterator
+from typing import Literal
 
 import numpy as np
 import pandas as pd
@@ -16,12 +18,29 @@ from pydantic import Field
 from scipy import ndimage
 
 from audit.attribution.evaluation import curve_ends, deletion_curve
-from audit.attribution.methods import METHODS, AttributionParams, attribute, baseline_for, occlusion_geometry
+from audit.attribution.methods import (
+    METHODS,
+    AttributionParams,
+    attribute,
+    baseline_for,
+    occlusion_geometry,
+)
+from audit.metrics.declarations import ColumnSpec, MetricSpec, TableSpec
 from audit.metrics.names import scope
-from audit.probes.base import Evidence, Probe, ProbeParams, Taps
+from audit.probes.base import (
+    DetailBatch,
+    DetailOutput,
+    DetailPlan,
+    Evidence,
+    Probe,
+    ProbeData,
+    ProbeInputs,
+    ProbeParams,
+    Taps,
+)
 from audit.probes.model_functions import (
     DELETION_BATCH,
-    detail_batches,
+    inputs_tensor,
     load_masks,
     normalisation,
     probabilities_function,
@@ -31,6 +50,7 @@ from audit.probes.model_functions import (
 )
 from audit.probes.registry import register
 from audit.probes.sampling import detail_sample
+from audit.store import ArrayTable
 
 
 class OcclusionParams(ProbeParams):
@@ -72,61 +92,87 @@ class Occlusion(Probe):
         "thorough": {"per_class": 128, "max_samples": 2048, "deletion_steps": 24},
     }
     references = [METHODS["occlusion"].reference]
-    units = {"occlusion.object_drop": "percent", "occlusion.background_drop": "percent", "occlusion.faithfulness": "number",
-             "occlusion.deletion_auc": "number", "occlusion.random_deletion_auc": "number"}
+    metrics = (
+        MetricSpec("occlusion.n", ("global",), "count", "samples occluded"),
+        MetricSpec("occlusion.deletion_auc", ("global",), "number", "area under the class probability as the most relevant patches go first"),
+        MetricSpec("occlusion.random_deletion_auc", ("global",), "number", "the same area with pixels removed in random order"),
+        MetricSpec("occlusion.faithfulness", ("global",), "number", "random-order area minus the occlusion map's area (above 0: faithful)"),
+        MetricSpec("occlusion.object_drop", ("global", "class"), "percent", "fall of the class probability when the object is covered"),
+        MetricSpec("occlusion.background_drop", ("global", "class"), "percent",
+                   "fall of the class probability when as much background, far from the object, is covered"),
+    )
+    provides = (
+        TableSpec("occlusion", "detail", "one row per occluded sample", (
+            ColumnSpec("class", "text", "true class, else the prediction"),
+            ColumnSpec("domain", "text", "the sample's domain"),
+            ColumnSpec("target", "number", "the class whose probability is watched (the true class where known)"),
+            ColumnSpec("probability", "percent", "that class's probability on the intact image"),
+            ColumnSpec("deletion_auc", "number", "area under the deletion curve of the occlusion map"),
+            ColumnSpec("random_deletion_auc", "number", "area under the random-order deletion curve"),
+            ColumnSpec("object_drop", "percent", "probability lost when the object is covered (masked samples)"),
+            ColumnSpec("background_drop", "percent", "probability lost when as much background is covered (masked samples)"),
+        )),
+        TableSpec("occlusion_maps", "detail", "each sample's occlusion map, at most 64 pixels a side (float16)", kind="array"),
+    )
 
     def map(self, batch, taps: Taps) -> pd.DataFrame:  # type: ignore[no-untyped-def]
         rows = sample_rows(batch, taps, self.context.classes)
         return rows.assign(target=rows["reference"])  # the true class's probability, where it is known
 
-    def reduce(self, rows: pd.DataFrame) -> Evidence:
+    @contextlib.contextmanager
+    def detail_session(self) -> Iterator[None]:
         if self.context.model.format == "onnx":  # perturbations are cheap torch work; onnxruntime gets the cores
             with torch_threads(1):
-                return self._reduce(rows)
-        return self._reduce(rows)
+                yield
+        else:
+            yield
 
-    def _reduce(self, rows: pd.DataFrame) -> Evidence:
+    def select(self, rows: pd.DataFrame, inputs: ProbeInputs) -> DetailPlan:
+        p = self.params
+        self._chosen = detail_sample(rows, p.per_class, p.max_samples, self.context.seed, prefer="has_mask")
+        return DetailPlan.of(self._chosen["id"].tolist(), p.batch_size)
+
+    def _settings(self) -> AttributionParams:
+        p = self.params
+        return AttributionParams(baseline=p.baseline, occlusion_window=p.window, occlusion_stride=p.stride, perturbations_per_eval=p.perturbations_per_eval,
+                                 internal_batch_size=max(p.perturbations_per_eval, p.batch_size), batch_size=p.batch_size, seed=self.context.seed)
+
+    def detail(self, batch: DetailBatch) -> DetailOutput:
+        """Occlusion maps of one batch, their deletion areas, and covering the object against as much background."""
         context, p = self.context, self.params
-        chosen = detail_sample(rows, p.per_class, p.max_samples, context.seed, prefer="has_mask")
         forward = probabilities_function(context)
         h, w = context.prep.input_size
-        (wh, ww), (sh, sw) = occlusion_geometry(h, w, AttributionParams(occlusion_window=p.window, occlusion_stride=p.stride))
-        settings = AttributionParams(baseline=p.baseline, occlusion_window=p.window, occlusion_stride=p.stride, perturbations_per_eval=p.perturbations_per_eval,
-                                     internal_batch_size=max(p.perturbations_per_eval, p.batch_size), batch_size=p.batch_size, seed=context.seed)
         norm = normalisation(context)
-        records: list[pd.DataFrame] = []
-        maps_by_id: dict[str, np.ndarray] = {}
-        bar = context.progress(total=len(chosen), desc="occlusion", unit="sample")
-        for block, samples, _, x in detail_batches(context, chosen, p.batch_size):
-            target = torch.tensor(block["target"].to_numpy(np.int64))
-            maps = attribute("occlusion", forward, x, target, settings, norm)
-            fill = baseline_for(x, p.baseline, normalisation=norm)
-            ends = curve_ends(forward, x, fill, target)
-            probs = ends[0].astype(np.float32)
-            ranked = deletion_curve(forward, x, target, maps, p.deletion_steps, fill, "attribution", context.seed, DELETION_BATCH, ends)
-            control = deletion_curve(forward, x, target, maps, p.deletion_steps, fill, "random", context.seed, DELETION_BATCH, ends)
-            frame = block[["id", "class", "domain", "target"]].assign(
-                probability=probs, deletion_auc=ranked.auc, random_deletion_auc=control.auc,
-                object_drop=np.nan, background_drop=np.nan)
-            masks, ok = load_masks(samples, (h, w))
-            if ok.any():
-                covered_object = torch.where(torch.from_numpy(masks[ok])[:, None], fill[ok], x[ok])
-                regions = np.stack([background_region(m) for m in masks[ok]])
-                covered_background = torch.where(torch.from_numpy(regions)[:, None], fill[ok], x[ok])
-                both = forward(torch.cat([covered_object, covered_background])).gather(1, torch.cat([target[ok], target[ok]])[:, None])[:, 0].numpy()
-                k = int(ok.sum())
-                frame.loc[ok, "object_drop"] = probs[ok] - both[:k]
-                frame.loc[ok, "background_drop"] = probs[ok] - both[k:]
-            records.append(frame)
-            maps_by_id.update(zip(frame["id"], shrink(maps).astype(np.float16), strict=True))
-            bar.update(len(samples))
-        bar.close()
-        table = pd.concat(records, ignore_index=True) if records else pd.DataFrame(
-            columns=["id", "class", "domain", "target", "probability", "deletion_auc", "random_deletion_auc", "object_drop", "background_drop"])
-        self.table = table
-        return self._evidence(table, maps_by_id, (wh, ww), (sh, sw))
+        x = inputs_tensor(batch)
+        block = batch.rows
+        target = torch.tensor(block["target"].to_numpy(np.int64))
+        maps = attribute("occlusion", forward, x, target, self._settings(), norm)
+        fill = baseline_for(x, p.baseline, normalisation=norm)
+        ends = curve_ends(forward, x, fill, target)
+        probs = ends[0].astype(np.float32)
+        ranked = deletion_curve(forward, x, target, maps, p.deletion_steps, fill, "attribution", context.seed, DELETION_BATCH, ends)
+        control = deletion_curve(forward, x, target, maps, p.deletion_steps, fill, "random", context.seed, DELETION_BATCH, ends)
+        frame = block[["id", "class", "domain", "target"]].assign(
+            probability=probs, deletion_auc=ranked.auc, random_deletion_auc=control.auc,
+            object_drop=np.nan, background_drop=np.nan)
+        masks, ok = load_masks(batch.samples, (h, w))
+        if ok.any():
+            covered_object = torch.where(torch.from_numpy(masks[ok])[:, None], fill[ok], x[ok])
+            regions = np.stack([background_region(m) for m in masks[ok]])
+            covered_background = torch.where(torch.from_numpy(regions)[:, None], fill[ok], x[ok])
+            both = forward(torch.cat([covered_object, covered_background])).gather(1, torch.cat([target[ok], target[ok]])[:, None])[:, 0].numpy()
+            k = int(ok.sum())
+            frame.loc[ok, "object_drop"] = probs[ok] - both[:k]
+            frame.loc[ok, "background_drop"] = probs[ok] - both[k:]
+        return DetailOutput(tables={"occlusion": frame},
+                            arrays={"occlusion_maps": ArrayTable(frame[["id"]], {"map": shrink(maps).astype(np.float16)})})
 
-    def _evidence(self, table: pd.DataFrame, maps: dict[str, np.ndarray], window: tuple[int, int], stride: tuple[int, int]) -> Evidence:
+    def reduce(self, data: ProbeData) -> Evidence:
+        h, w = self.context.prep.input_size
+        window, stride = occlusion_geometry(h, w, AttributionParams(occlusion_window=self.params.window, occlusion_stride=self.params.stride))
+        return self._evidence(data.tables["occlusion"], window, stride)
+
+    def _evidence(self, table: pd.DataFrame, window: tuple[int, int], stride: tuple[int, int]) -> Evidence:
         evidence = Evidence()
         faithfulness = table["random_deletion_auc"] - table["deletion_auc"]
         evidence.add("occlusion.n", len(table))
@@ -140,13 +186,7 @@ class Occlusion(Probe):
                 s = scope(class_=cls)
                 evidence.add("occlusion.object_drop", float(group["object_drop"].mean()), s, len(group))
                 evidence.add("occlusion.background_drop", float(group["background_drop"].mean()), s, len(group))
-        self.context.handoff[self.name] = {
-            "maps": maps,
-            "faithfulness": float(faithfulness.mean()) if len(table) else None,
-            "deletion_auc": float(table["deletion_auc"].mean()) if len(table) else None,
-            "random_deletion_auc": float(table["random_deletion_auc"].mean()) if len(table) else None,
-        }
-        details: dict[str, Any] = {
+        evidence.details = {
             "samples": len(table),
             "window": list(window),
             "stride": list(stride),
@@ -157,8 +197,4 @@ class Occlusion(Probe):
                 for cls, g in masked.groupby("class", sort=True)
             ],
         }
-        evidence.details = details
         return evidence
-
-    def write_tables(self, rows: pd.DataFrame, store) -> dict:  # type: ignore[no-untyped-def]
-        return {self.name: store.write_table(self.name, self.table)}

@@ -21,11 +21,16 @@ from audit.metrics.classification import (
     precision_recall_f1,
     reliability_table,
 )
+from audit.metrics.declarations import ColumnSpec, MetricSpec, TableSpec
 from audit.metrics.names import pair, scope
-from audit.probes.base import Evidence, Probe, ProbeParams, Taps
+from audit.probes.base import Evidence, Probe, ProbeData, ProbeParams, Taps
 from audit.probes.registry import register
 
 MAX_STORED_PROBABILITIES = 100  # wider outputs keep only top-1 facts per sample
+MISTAKES_SHOWN = 12  # most confident mistakes the report shows as thumbnails
+
+_CLASS_SCOPES = ("class", "domain/class")
+_RUN_SCOPES = ("global", "domain")
 
 
 class PredictionsParams(ProbeParams):
@@ -33,6 +38,12 @@ class PredictionsParams(ProbeParams):
     confidence_level: float = Field(default=0.95, gt=0, lt=1)
     ece_bins: int = Field(default=15, ge=2, le=100)
     histogram_bins: int = Field(default=20, ge=2, le=100)
+
+
+def most_confident_mistakes(rows: pd.DataFrame, n: int) -> list[str]:
+    """Ids of the n wrong predictions made with the highest confidence, most confident first."""
+    worst = rows.dropna(subset=["error_confidence"]).sort_values("error_confidence", ascending=False, kind="stable")
+    return worst["id"].astype(str).head(n).tolist()
 
 
 def choose_reference_domain(domains: list[str], counts: dict[str, int], requested: str | None) -> str | None:
@@ -60,6 +71,32 @@ class Predictions(Probe):
         "Guo, Pleiss, Sun, Weinberger. On Calibration of Modern Neural Networks. ICML 2017.",
         "Efron, Tibshirani. An Introduction to the Bootstrap. 1993.",
     ]
+    metrics = (
+        MetricSpec("predictions.n", ("global",), "count", "samples predicted"),
+        MetricSpec("predictions.n_labelled", ("global",), "count", "samples with a label"),
+        MetricSpec("predictions.accuracy", _RUN_SCOPES, "percent", "share of labelled samples predicted right", interval=True),
+        MetricSpec("predictions.ece", _RUN_SCOPES, "percent", "expected calibration error over equal-width confidence bins", interval=True),
+        MetricSpec("predictions.mean_confidence", _RUN_SCOPES, "percent", "mean confidence of the predicted class, labelled or not"),
+        MetricSpec("predictions.accuracy_gap", ("domain",), "percent", "accuracy of the reference domain minus this domain's", interval=True),
+        MetricSpec("predictions.support", _CLASS_SCOPES, "count", "labelled samples of the class"),
+        MetricSpec("predictions.recall", _CLASS_SCOPES, "percent", "share of the class's samples predicted as the class", interval=True),
+        MetricSpec("predictions.precision", _CLASS_SCOPES, "percent", "share of the predictions of the class that are right", interval=True),
+        MetricSpec("predictions.f1", _CLASS_SCOPES, "percent", "harmonic mean of precision and recall", interval=True),
+        MetricSpec("predictions.predicted_share", _CLASS_SCOPES, "percent", "share of samples predicted as the class, labelled or not"),
+        MetricSpec("predictions.confusion_rate", ("pair",), "percent", "share of class A's samples predicted as B (the ten most frequent)"),
+    )
+    provides = (
+        TableSpec("predictions", "map", "one row per sample: label, prediction, confidence", (
+            ColumnSpec("label", "number", "true class index (empty when unlabelled)"),
+            ColumnSpec("pred", "number", "predicted class index"),
+            ColumnSpec("confidence", "percent", "probability of the predicted class"),
+            ColumnSpec("prob_true", "percent", "probability of the true class"),
+            ColumnSpec("correct", "number", "1 when the prediction is right (empty when unlabelled)"),
+            ColumnSpec("margin", "percent", "top-1 minus top-2 probability"),
+            ColumnSpec("entropy", "number", "entropy of the predicted distribution (nats)"),
+            ColumnSpec("error_confidence", "percent", "confidence of a wrong prediction (empty when right or unlabelled)"),
+        )),
+    )
 
     def map(self, batch, taps: Taps) -> pd.DataFrame:  # type: ignore[no-untyped-def]
         probs = taps.probabilities
@@ -100,15 +137,16 @@ class Predictions(Probe):
             frame["probabilities"] = list(probs.astype(np.float32))
         return frame
 
-    def reduce(self, rows: pd.DataFrame) -> Evidence:
-        evidence = Evidence()
+    def reduce(self, data: ProbeData) -> Evidence:
+        rows = data.rows
+        evidence = Evidence(thumbnails=most_confident_mistakes(rows, MISTAKES_SHOWN))
         classes = self.context.classes
         k = len(classes)
         evidence.add("predictions.n", len(rows))
         labelled = rows[rows["correct"].notna()]
         evidence.add("predictions.n_labelled", len(labelled))
         details: dict[str, Any] = {
-            "classes": classes,
+            "classes": list(classes),
             "n": len(rows),
             "n_labelled": len(labelled),
             "output_kind": self.context.interpretation.kind,

@@ -14,11 +14,11 @@ from typing import Any
 import markupsafe
 import yaml
 
+from audit.findings import SEVERITY_ORDER, STATUS_ORDER
 from audit.metrics.names import display_scope, metric_key, parse_key, parse_scope, scope
+from audit.report.views import views_for
 from audit.rules.engine import threshold_text
 
-SEVERITY_ORDER = ("critical", "high", "medium", "low", "info")
-STATUS_ORDER = ("error", "fail", "warn", "waived", "skipped", "pass")
 VERDICT_CLASS = {"PASS": "pass", "PASS WITH WARNINGS": "warn", "FAIL": "fail", "ERROR": "error"}
 PERCENT_HINTS = ("accuracy", "recall", "precision", "f1", "ece", "share", "fraction", "rate", "gap", "confidence")
 
@@ -132,18 +132,6 @@ class Tables:
             self._cache[name] = pd.read_parquet(path) if path.is_file() else None
         return self._cache[name]
 
-    def facts(self, ids: set[str]) -> dict[str, str]:
-        """id -> 'true -> predicted (confidence)' for evidence captions, from the predictions table."""
-        table = self._load("predictions")
-        if table is None or not ids:
-            return {}
-        rows = table[table["id"].isin(ids)]
-        out = {}
-        for row in rows.itertuples():
-            truth = row.label_name if isinstance(row.label_name, str) else "?"
-            out[str(row.id)] = f"{truth} → {row.pred_name} ({row.confidence:.0%})"
-        return out
-
     def top(self, name: str, column: str, n: int = 12, ascending: bool = False) -> list[dict[str, Any]]:
         """The n rows with the largest (or smallest) non-missing `column`, as dicts."""
         table = self._load(name)
@@ -151,53 +139,6 @@ class Tables:
             return []
         rows = table.dropna(subset=[column]).sort_values(column, ascending=ascending, kind="stable").head(n)
         return [{k: v for k, v in row.items() if k != "probabilities"} for row in rows.to_dict("records")]
-
-
-VARIANT_CAPTIONS = {"only_bg_t": "no object", "mixed_same": "own-class bg", "mixed_rand": "other-class bg"}
-
-
-SHORT_TITLES = {"saliency": "saliency", "gradient_x_input": "grad × input", "integrated_gradients": "integ. gradients",
-                "smoothgrad": "SmoothGrad", "gradcam": "Grad-CAM", "guided_backprop": "guided backprop",
-                "deconvolution": "deconvolution", "guided_gradcam": "guided Grad-CAM", "deeplift": "DeepLift",
-                "gradient_shap": "GradientSHAP", "occlusion": "occlusion", "feature_ablation": "feature ablation",
-                "kernel_shap": "KernelSHAP"}
-
-
-class Galleries:
-    """Draws the background probe's sample bundles (input, mask, maps, counterfactuals) as image strips."""
-
-    def __init__(self, run_dir: Path, results: dict[str, Any], enabled: bool) -> None:
-        self.run_dir = run_dir
-        self.enabled = enabled
-        attribution = results["probes"].get("attribution", {}).get("details", {})
-        rows = attribution.get("methods", [])
-        self.titles = {r["method"]: r.get("title", r["method"]) for r in rows}
-        self.titles.update(occlusion="Occlusion")
-        self.shown = [r["method"] for r in rows if r.get("trusted")] + ["occlusion"]
-
-    def strip(self, entry: dict[str, Any], true_class: str) -> dict[str, Any] | None:
-        """{uri, panels} of one sample's strip, or None when images are withheld or the bundle is missing."""
-        import numpy as np
-
-        from audit.report.figures import sample_strip
-
-        path = (self.run_dir / entry["artifact"]).resolve()
-        if not self.enabled or self.run_dir.resolve() not in path.parents or not path.is_file():
-            return None
-        with np.load(path) as bundle:
-            arrays = {k: bundle[k] for k in bundle.files}
-        mask = arrays["mask"]
-        predictions = entry.get("predictions", {})
-        panels = [{"image": arrays["input"], "outline": mask,
-                   "caption": f"{true_class} → {predictions.get('original') or '?'}"}]
-        for method in self.shown:
-            if f"map_{method}" in arrays:
-                panels.append({"image": arrays["input"], "heat": arrays[f"map_{method}"].astype(float), "outline": mask,
-                               "caption": SHORT_TITLES.get(method, method)})
-        for variant, caption in VARIANT_CAPTIONS.items():
-            if f"variant_{variant}" in arrays:
-                panels.append({"image": arrays[f"variant_{variant}"], "caption": f"{caption}: {predictions.get(variant) or 'n/a'}"})
-        return {"uri": "data:image/png;base64," + base64.b64encode(sample_strip(panels)).decode("ascii"), "panels": len(panels)}
 
 
 def explanations(results: dict[str, Any]) -> dict[tuple[str, str], str]:
@@ -221,7 +162,7 @@ def rule_limit(rules: list[dict[str, Any]], rule_id: str, status: str = "fail") 
 
 def _finding_view(f: dict[str, Any], units: dict[str, str], thumbs: Thumbnails, facts: dict[str, str]) -> dict[str, Any]:
     unit = unit_of(f["metric"], units)
-    limit = threshold_text(f.get("op"), f.get("threshold"), lambda v: format_value(v, unit))
+    limit = threshold_text(f.get("op"), f.get("threshold"), lambda v: format_value(v, unit), f.get("bound"))
     evidence = [{"id": i, "thumb": thumbs(i), "fact": facts.get(i, "")} for i in f.get("evidence", [])]
     return {
         **f,
@@ -234,24 +175,6 @@ def _finding_view(f: dict[str, Any], units: dict[str, str], thumbs: Thumbnails, 
     }
 
 
-def _headline(reader: MetricReader) -> list[dict[str, str]]:
-    rows = []
-    if reader.get("predictions.accuracy") is not None:
-        rows.append({"label": "Accuracy, all labelled samples", "value": reader.text("predictions.accuracy"),
-                     "n": _n(reader, "predictions.accuracy", "global")})
-    for scope_text in reader.scopes("predictions.accuracy", "domain"):
-        rows.append({"label": f"Accuracy, {display_scope(scope_text)}", "value": reader.text("predictions.accuracy", scope_text),
-                     "n": _n(reader, "predictions.accuracy", scope_text)})
-    if reader.get("predictions.ece") is not None:
-        rows.append({"label": "Expected calibration error", "value": reader.text("predictions.ece"), "n": _n(reader, "predictions.ece", "global")})
-    return rows
-
-
-def _n(reader: MetricReader, name: str, scope_text: str) -> str:
-    n = reader.get(name, scope_text, "n")
-    return "" if n is None else f"{int(n):,}"
-
-
 def build_view(run_dir: Path, results: dict[str, Any], results_sha256: str) -> dict[str, Any]:
     units: dict[str, str] = {}
     for probe in results["probes"].values():
@@ -260,7 +183,9 @@ def build_view(run_dir: Path, results: dict[str, Any], results_sha256: str) -> d
     sample_images = results.get("run", {}).get("sample_images", True)
     thumbs = Thumbnails(run_dir, results.get("thumbnails", {}), sample_images)
     tables = Tables(run_dir)
-    facts = tables.facts({i for f in results["findings"] if f["status"] != "pass" for i in f.get("evidence", [])})
+    views = views_for(run_dir, results, sample_images)
+    shown = {i for f in results["findings"] if f["status"] != "pass" for i in f.get("evidence", [])}
+    facts = {k: v for view in views.values() for k, v in view.facts(shown).items()}
     findings = [_finding_view(f, units, thumbs, facts) for f in results["findings"]]
     lines = explanations(results)
     for f in findings:
@@ -280,7 +205,7 @@ def build_view(run_dir: Path, results: dict[str, Any], results_sha256: str) -> d
 
     sections = []
     for probe_name, probe in results["probes"].items():
-        sections.append({"name": probe_name, **probe, "anchor": f"probe-{probe_name}"})
+        sections.append({"name": probe_name, **probe, "anchor": f"probe-{probe_name}", "view": views.get(probe_name)})
 
     references: list[str] = []
     for probe in results["probes"].values():
@@ -290,7 +215,7 @@ def build_view(run_dir: Path, results: dict[str, Any], results_sha256: str) -> d
     rules = results.get("rules", [])
     for rule in rules:
         rule["threshold_lines"] = [
-            f"{t['status']} ({t['severity']}) if {threshold_text(t['op'], t['value'])}" for t in rule.get("thresholds", [])
+            f"{t['status']} ({t['severity']}) if {threshold_text(t['op'], t['value'], bound=t.get('bound'))}" for t in rule.get("thresholds", [])
         ]
     capabilities = [
         {"name": CAPABILITY_TEXT.get(k, k), "available": v["available"], "reason": v["reason"]}
@@ -317,9 +242,10 @@ def build_view(run_dir: Path, results: dict[str, Any], results_sha256: str) -> d
         "attention": attention,
         "top_findings": attention[:10],
         "waived": by_status["waived"],
+        "informed": by_status["info"],
         "passed": by_status["pass"],
         "skipped_findings": by_status["skipped"],
-        "headline": _headline(reader),
+        "headline": [row for view in views.values() for row in view.headline(reader)],
         "sections": sections,
         "capabilities": capabilities,
         "references": references,
@@ -327,7 +253,6 @@ def build_view(run_dir: Path, results: dict[str, Any], results_sha256: str) -> d
         "config_yaml": yaml.safe_dump(config, sort_keys=True, allow_unicode=True, width=100),
         "display_scope": display_scope,
         "tables": tables,
-        "galleries": Galleries(run_dir, results, sample_images),
         "rule_limit": lambda rule_id, status="fail": rule_limit(rules, rule_id, status),
         "scope_of": lambda **parts: scope(**parts),
     }

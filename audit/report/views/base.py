@@ -1,0 +1,49 @@
+"""What a probe's report view may contribute, and the registry the generic view model reads."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, ClassVar, TypeVar
+
+import pandas as pd
+
+_VIEWS: dict[str, type[ProbeView]] = {}
+V = TypeVar("V", bound="type[ProbeView]")
+
+
+class ProbeView:
+    """A probe section's view over the saved run (results and tables); never the model or data."""
+
+    probe: ClassVar[str]
+
+    def __init__(self, run_dir: Path, results: dict[str, Any], sample_images: bool) -> None:
+        self.run_dir = run_dir
+        self.results = results
+        self.sample_images = sample_images
+        self.details: dict[str, Any] = results["probes"].get(self.probe, {}).get("details", {})
+        self._tables: dict[str, pd.DataFrame | None] = {}
+
+    def table(self, name: str) -> pd.DataFrame | None:
+        """One of the run's per-sample tables (None when the run has none of that name)."""
+        if name not in self._tables:
+            path = self.run_dir / "samples" / f"{name}.parquet"
+            self._tables[name] = pd.read_parquet(path) if path.is_file() else None
+        return self._tables[name]
+
+    def headline(self, metrics: Any) -> list[dict[str, str]]:
+        """Rows for the summary's headline table: {label, value, n}."""
+        return []
+
+    def facts(self, ids: set[str]) -> dict[str, str]:
+        """A caption per evidence sample id this probe can say something about."""
+        return {}
+
+
+def register_view(cls: V) -> V:
+    _VIEWS[cls.probe] = cls
+    return cls
+
+
+def views_for(run_dir: Path, results: dict[str, Any], sample_images: bool) -> dict[str, ProbeView]:
+    """A view for each probe of the run that has one (its section may use it as `view`)."""
+    return {name: _VIEWS[name](run_dir, results, sample_images) for name in results["probes"] if name in _VIEWS}
