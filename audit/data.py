@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageFile, UnidentifiedImageError
 
 from audit.errors import SampleError
 from audit.manifest import Sample
@@ -87,6 +87,7 @@ def read_input(path: Path) -> np.ndarray:
         if path.suffix.lower() == ".npy":
             arr = np.load(path, allow_pickle=False)
             return _array_to_chw(arr)
+        ImageFile.LOAD_TRUNCATED_IMAGES = False  # weasyprint sets it on import: a cut-off file must be refused, not half-read
         with Image.open(path) as img:
             img.load()
             return np.ascontiguousarray(_pil_to_array(img).transpose(2, 0, 1))

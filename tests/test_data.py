@@ -133,3 +133,19 @@ def test_batches_skip_unreadable_samples_in_order(tmp_path: Path) -> None:
     assert skipped[0][0] == "3.png" and skipped[0][1].startswith("unreadable")
     assert batches[0].x.shape == (2, 1, 4, 4)
     assert np.allclose(batches[-1].raw[0, 0, 0, 0], 60 / 255)
+
+
+def test_a_cut_off_image_is_refused_even_after_weasyprint_loosened_pil(tmp_path: Path) -> None:
+    """weasyprint sets PIL's LOAD_TRUNCATED_IMAGES on import (rendering does, so a second audit in the
+    same process would otherwise half-read a truncated file and audit the grey rest as data)."""
+    import io
+
+    import weasyprint  # noqa: F401 - imported for its side effect on PIL
+    from PIL import Image, ImageFile
+
+    buffer = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(buffer, "PNG")
+    (tmp_path / "cut.png").write_bytes(buffer.getvalue()[: len(buffer.getvalue()) // 2])
+    ImageFile.LOAD_TRUNCATED_IMAGES = True
+    with pytest.raises(SampleError, match="unreadable"):
+        read_input(tmp_path / "cut.png")
