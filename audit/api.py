@@ -129,7 +129,7 @@ def evaluate_rules(rules: list[Any], metrics: dict[str, float], store: RunStore,
     from audit.rules.engine import ProbeState, RuleEngine
 
     states = {name: ProbeState(o.status, o.error or o.reason) for name, o in outcomes.items()}
-    engine = RuleEngine(metrics, store.read_table, states)
+    engine = RuleEngine(metrics, store.read_table, states, declared.owner)
     return sort_findings([f.model_dump(mode="json") for f in engine.evaluate(rules, waivers)])
 
 

@@ -5,13 +5,14 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
 from audit.cli import main
-from tests.conftest import CLASSES, load_user_model, set_weights
+from tests.conftest import CLASSES, load_user_model, run_cli, set_weights
 
 
 def direct_predictions(dataset) -> dict[str, int]:  # type: ignore[no-untyped-def]
@@ -230,3 +231,17 @@ def test_results_json_is_valid_and_sorted(torch_run) -> None:  # type: ignore[no
     assert order == sorted(order)
     assert json.loads((torch_run.out / "results.json").read_text()) == torch_run.results
     assert torch_run.results["model"]["classes"] == CLASSES
+
+
+def test_rules_check_refuses_a_misspelled_metric_naming_file_key_and_closest(tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
+    """Against the probes' real declarations: a typo would otherwise come out `skipped` in every run."""
+    from audit.rules.catalogue import builtin_rule_files
+
+    source = next(p for p in builtin_rule_files() if p.name == "class-recall-floor.yaml")
+    bad = tmp_path / "recall.yaml"
+    bad.write_text(source.read_text().replace("metric: predictions.recall", "metric: predictions.recal"))
+    code, _, err = run_cli(["rules", "check", str(bad)], capsys)
+    assert code == 2
+    assert err.strip() == f"model-audit: error: {bad}: metric: 'predictions.recal' is not declared by any probe (closest: predictions.recall)"
+    code, out, _ = run_cli(["rules", "check", *map(str, builtin_rule_files())], capsys)
+    assert code == 0 and out.count("valid") == len(builtin_rule_files())

@@ -36,7 +36,7 @@ class ConfidenceMargin(Probe):
     consumes = (Consumes("predictions"),)
     metrics = (MetricSpec("margin.low_confidence", ("global", "class"), "percent", "predictions made with confidence below 0.9"),
                MetricSpec("margin.flip_change", ("global",), "number", "mean change of the top probability when flipped"))
-    provides = (TableSpec("margin", "detail", "top probability before and after a horizontal flip", (
+    provides = (TableSpec("margin_flips", "detail", "top probability before and after a horizontal flip", (
         ColumnSpec("before", "percent", "top probability"), ColumnSpec("after", "percent", "after flipping"))),
         TableSpec("margin_flipped", "detail", "the flipped inputs' probabilities", kind="array"))
 
@@ -55,7 +55,7 @@ class ConfidenceMargin(Probe):
         before = interpretation.probabilities(model.forward(batch.x)["output"])
         after = interpretation.probabilities(model.forward(np.ascontiguousarray(batch.x[..., ::-1]))["output"])
         frame = pd.DataFrame({"id": batch.ids, "before": before.max(axis=1), "after": after.max(axis=1)})
-        return DetailOutput({"margin": frame}, {"margin_flipped": ArrayTable(frame[["id"]], {"probabilities": after})})
+        return DetailOutput({"margin_flips": frame}, {"margin_flipped": ArrayTable(frame[["id"]], {"probabilities": after})})
 
     def reduce(self, data: ProbeData) -> Evidence:
         evidence = Evidence()
@@ -64,7 +64,7 @@ class ConfidenceMargin(Probe):
         evidence.add("margin.low_confidence", float(low.mean()), n=len(predictions))
         for cls, group in predictions.assign(low=low).groupby("class"):
             evidence.add("margin.low_confidence", float(group["low"].mean()), f"class:{cls}", len(group))
-        table = data.tables["margin"]
+        table = data.tables["margin_flips"]
         evidence.add("margin.flip_change", float((table["after"] - table["before"]).mean()), n=len(table))
         flipped = data.arrays("margin_flipped")
         assert flipped is not None and len(flipped) == len(table)
@@ -104,6 +104,15 @@ thresholds: [{op: gt, value: 0.05, status: warn, severity: medium}]
 aggregate: {per: class}
 message: '{scope}: {value:.0%} of the predictions below 90% confidence'
 remedy: look at the unsure samples
+---
+schema: model-audit/rule/v1
+id: flip-confidence
+title: Flipped images are predicted with little confidence
+metric: margin_flips.after
+aggregate: {stat: mean}
+thresholds: [{op: lt, value: 0.01, status: fail, severity: high}]
+message: 'mean top probability after flipping {value:.0%}'
+remedy: augment with flips
 """
 
 
@@ -120,7 +129,9 @@ def test_a_probe_defined_in_a_test_consumes_another_probes_table_and_its_rule_ru
     for cls, share in expected.items():
         assert findings[f"class:{cls}"]["value"] == pytest.approx(share)
         assert findings[f"class:{cls}"]["status"] == ("warn" if share > 0.05 else "pass")
-    margin = pd.read_parquet(run.out / "samples" / "margin.parquet")
+    flip = next(f for f in run.results["findings"] if f["rule"] == "flip-confidence")
+    margin = pd.read_parquet(run.out / "samples" / "margin_flips.parquet")
+    assert (flip["status"], flip["value"]) == ("pass", pytest.approx(margin["after"].mean()))
     assert len(margin) == (len(predictions) + 1) // 2 and run.results["probes"]["margin"]["detail_samples"] == len(margin)
     assert run.results["probes"]["margin"]["units"]["margin.low_confidence"] == "percent"
     masked = run.results["probes"]["masked"]
@@ -239,3 +250,32 @@ def test_onnx_taps_equal_the_torch_model_and_a_missing_layer_skips_only_its_prob
         assert len(row["embedding"]) == 3
         np.testing.assert_allclose(onnx_rows[sample_id]["embedding"], row["embedding"], rtol=1e-5, atol=1e-5)
         np.testing.assert_allclose(onnx_rows[sample_id]["layer"], row["layer"], rtol=1e-5, atol=1e-5)
+
+
+def test_a_tap_that_fails_during_the_pass_fails_only_the_probes_that_need_it(
+        torch_run, run_factory, dataset, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
+    """The plan's trial on the probe batch passes; the third tapped call raises. The probe that needs
+    the tap is marked error at `forward`, the batch is run again without it, nothing else is lost."""
+    from audit.models.torch_adapter import TorchAdapter
+
+    original = TorchAdapter.forward
+    tapped_calls = []
+
+    def flaky(self, x, taps=frozenset()):  # type: ignore[no-untyped-def]
+        if taps:
+            tapped_calls.append(len(x))
+            if len(tapped_calls) == 3:
+                raise RuntimeError("simulated CUDA error in a hook")
+        return original(self, x, taps)
+
+    monkeypatch.setattr(TorchAdapter, "forward", flaky)
+    register(EmbeddingTap)
+    try:
+        run = run_factory(["--model", f"{dataset.model_py}:build", "--weights", str(dataset.weights)],
+                          ["--probes", "predictions,embed", "--batch-size", "16"])
+    finally:
+        _REGISTRY.pop(EmbeddingTap.name)
+    assert run.results["probes"]["embed"]["status"] == "error"
+    assert run.results["probes"]["embed"]["error"] == "forward: RuntimeError: simulated CUDA error in a hook"
+    assert run.results["probes"]["predictions"]["status"] == "ok" and run.results["metrics"]["predictions.n"] == 60
+    assert run.results["manifest"]["skipped"] == torch_run.results["manifest"]["skipped"]  # no sample lost, same reasons

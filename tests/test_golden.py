@@ -118,7 +118,7 @@ def table_differences(old_path: Path, new_path: Path) -> list[str]:
     missing = [c for c in old.columns if c not in new.columns]
     if missing or len(old) != len(new):
         return [f"samples/{name}: columns {missing} missing or {len(old)} rows -> {len(new)}"]
-    return differences(_records(old), _records(new[old.columns]), f"samples/{name}")
+    return differences(_records(old), _records(new[old.columns]), f"samples/{name}", exact_text=SAME_CPU)
 
 
 def _records(frame: pd.DataFrame) -> list[dict[str, Any]]:

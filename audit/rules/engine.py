@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import datetime as dt
 import string
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -104,10 +104,12 @@ class RuleEngine:
         metrics: dict[str, float],
         tables: TableLoader,
         probes: dict[str, ProbeState],
+        owners: Mapping[str, str] | None = None,
     ) -> None:
         self.index = MetricIndex(metrics)
         self.tables = tables
         self.probes = probes
+        self.owners = owners or {}  # declared metric or "<table>.<column>" -> the probe that produces it
         self._table_cache: dict[str, pd.DataFrame | None] = {}
 
     def evaluate(self, rules: Iterable[RuleSpec], waivers: Iterable[Any] = (), today: dt.date | None = None) -> list[Finding]:
@@ -117,13 +119,14 @@ class RuleEngine:
         return apply_waivers(findings, waivers, today or dt.date.today())
 
     def evaluate_rule(self, rule: RuleSpec) -> list[Finding]:
-        state = ProbeState("ok") if rule.probe in RUN_LEVEL_PREFIXES else self.probes.get(rule.probe)
+        probe = self.owners.get(rule.metric, rule.probe)  # a table column (`background_methods.x`) belongs to its probe
+        state = ProbeState("ok") if probe in RUN_LEVEL_PREFIXES else self.probes.get(probe)
         if state is None:
-            return [self._blank(rule, Status.SKIPPED, f"the {rule.probe} probe was not run in this audit")]
+            return [self._blank(rule, Status.SKIPPED, f"the {probe} probe was not run in this audit")]
         if state.status == "error":
-            return [self._blank(rule, Status.ERROR, f"the {rule.probe} probe failed: {state.reason}")]
+            return [self._blank(rule, Status.ERROR, f"the {probe} probe failed: {state.reason}")]
         if state.status == "skipped":
-            return [self._blank(rule, Status.SKIPPED, f"the {rule.probe} probe was skipped: {state.reason}")]
+            return [self._blank(rule, Status.SKIPPED, f"the {probe} probe was skipped: {state.reason}")]
         findings: list[Finding] = []
         for per in rule.aggregate.kinds:
             values = self._sample_values(rule, per) if rule.aggregate.stat else self.index.scoped(rule.metric, per)
