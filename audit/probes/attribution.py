@@ -47,6 +47,8 @@ from audit.probes.base import (
 )
 from audit.probes.model_functions import (
     DELETION_BATCH,
+    DELETION_COLUMNS,
+    SAMPLE_COLUMNS,
     inputs_tensor,
     normalisation,
     probabilities_function,
@@ -119,12 +121,10 @@ class Attribution(Probe):
     )
     provides = (
         TableSpec("attribution", "detail", "one row per sample and method that explained it", (
-            ColumnSpec("class", "text", "true class, else the prediction"),
-            ColumnSpec("domain", "text", "the sample's domain"),
+            *SAMPLE_COLUMNS,
             ColumnSpec("target", "number", "the class explained (the prediction)"),
             ColumnSpec("method", "text", "the attribution method"),
-            ColumnSpec("deletion_auc", "number", "area under the deletion curve of the method's map"),
-            ColumnSpec("random_deletion_auc", "number", "area under the random-order deletion curve"),
+            *DELETION_COLUMNS,
         )),
         TableSpec("attribution_maps", "detail", "each method's map of each sample, at most 64 pixels a side (float16)",
                   kind="array", keys=("id", "method")),

@@ -36,6 +36,7 @@ from audit.probes.base import (
     Taps,
 )
 from audit.probes.model_functions import (
+    SAMPLE_COLUMNS,
     load_masks,
     probabilities_function,
     sample_rows,
@@ -172,8 +173,7 @@ class Background(Probe):
                   kind="array", keys=("id", "class", "mapped", "ratio", "flipped", "batch", "position")),
         TableSpec("background_masks", "detail", "each masked sample's object fraction at attribution-map resolution", kind="array"),
         TableSpec("background", "reduce", "one row per swapped sample: answers, Shapley localisation and the judging method", (
-            ColumnSpec("class", "text", "true class, else the prediction"),
-            ColumnSpec("domain", "text", "the sample's domain"),
+            *SAMPLE_COLUMNS,
             ColumnSpec("outside_ratio", "ratio", "background share of the evidence over the background's share of the image"),
             ColumnSpec("outside_share", "percent", "background share of the evidence"),
             *(ColumnSpec(f"correct_{v}", "number", f"correct on the {v} image") for v in ("original", *VARIANTS)),

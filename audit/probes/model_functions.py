@@ -17,11 +17,16 @@ import torch.nn.functional as F
 
 from audit.data import load_mask
 from audit.errors import SampleError
+from audit.metrics.declarations import ColumnSpec
 
 if TYPE_CHECKING:
     from audit.manifest import Sample
     from audit.probes.base import DetailBatch, RunContext
 
+SAMPLE_COLUMNS = (ColumnSpec("class", "text", "true class, else the prediction"),  # what sample_rows groups by
+                  ColumnSpec("domain", "text", "the sample's domain"))
+DELETION_COLUMNS = (ColumnSpec("deletion_auc", "number", "area under the deletion curve of the sample's map"),
+                    ColumnSpec("random_deletion_auc", "number", "area under the random-order deletion curve"))
 MAP_SIDE = 64  # maps handed between probes and kept for galleries are at most this many pixels a side
 DELETION_BATCH = 256  # images built per step of a deletion curve; the runtime still gets them in run-sized calls
 

@@ -40,6 +40,8 @@ from audit.probes.base import (
 )
 from audit.probes.model_functions import (
     DELETION_BATCH,
+    DELETION_COLUMNS,
+    SAMPLE_COLUMNS,
     inputs_tensor,
     load_masks,
     normalisation,
@@ -103,12 +105,10 @@ class Occlusion(Probe):
     )
     provides = (
         TableSpec("occlusion", "detail", "one row per occluded sample", (
-            ColumnSpec("class", "text", "true class, else the prediction"),
-            ColumnSpec("domain", "text", "the sample's domain"),
+            *SAMPLE_COLUMNS,
             ColumnSpec("target", "number", "the class whose probability is watched (the true class where known)"),
             ColumnSpec("probability", "percent", "that class's probability on the intact image"),
-            ColumnSpec("deletion_auc", "number", "area under the deletion curve of the occlusion map"),
-            ColumnSpec("random_deletion_auc", "number", "area under the random-order deletion curve"),
+            *DELETION_COLUMNS,
             ColumnSpec("object_drop", "percent", "probability lost when the object is covered (masked samples)"),
             ColumnSpec("background_drop", "percent", "probability lost when as much background is covered (masked samples)"),
         )),
