@@ -77,11 +77,15 @@ class DetailStage:
         self.store = store
         self.workers = workers
         self.progress = progress
+        self.samples = {s.id: s for s in context.manifest.samples}  # stage one has dropped the unreadable ones
         self.chunks: list[list[int]] = []
+        filled = chunk_samples  # samples in the last chunk; a full one starts the next
         for index, batch in enumerate(plan.batches):
-            if not self.chunks or sum(len(plan.batches[i].ids) for i in self.chunks[-1]) >= chunk_samples:
+            if filled >= chunk_samples:
                 self.chunks.append([])
+                filled = 0
             self.chunks[-1].append(index)
+            filled += len(batch.ids)
 
     def run(self, chunks: Iterable[int] | None = None) -> None:
         for chunk in range(len(self.chunks)) if chunks is None else chunks:
@@ -112,9 +116,8 @@ class DetailStage:
                 self.store.write_array_chunk(name, chunk, merged)
 
     def load(self, groups: Sequence[Sequence[str]], inputs: Sequence[bool] | bool = True) -> Iterable[tuple[int, Batch]]:
-        """The samples of each group of ids (samples dropped from the audit since are left out)."""
-        by_id = {s.id: s for s in self.context.manifest.samples}
-        samples = [[by_id[i] for i in ids if i in by_id] for ids in groups]
+        """The samples of each group of ids (samples dropped from the audit are left out)."""
+        samples = [[self.samples[i] for i in ids if i in self.samples] for ids in groups]
         return iter_groups(samples, self.context.prep, self.workers, None, load=inputs)
 
     def rows_of(self, samples: Sequence[Sample]) -> pd.DataFrame:

@@ -16,6 +16,7 @@ import yaml
 
 from audit.findings import SEVERITY_ORDER, STATUS_ORDER
 from audit.metrics.names import display_scope, metric_key, parse_key, parse_scope, scope
+from audit.report.run_files import Tables, run_file
 from audit.report.views import views_for
 from audit.rules.engine import threshold_text
 
@@ -110,35 +111,11 @@ class Thumbnails:
 
     def artifact(self, relative: str) -> str | None:
         """A PNG/SVG artifact of the run as a data URI; refuses paths outside the run folder."""
-        path = (self.run_dir / relative).resolve()
-        if self.run_dir.resolve() not in path.parents or not path.is_file():
+        path = run_file(self.run_dir, relative)
+        if path is None:
             return None
         mime = "image/svg+xml" if path.suffix == ".svg" else "image/png"
         return f"data:{mime};base64," + base64.b64encode(path.read_bytes()).decode("ascii")
-
-
-class Tables:
-    """Read-only access to the run's per-sample Parquet tables, for galleries in probe sections."""
-
-    def __init__(self, run_dir: Path) -> None:
-        self.run_dir = run_dir
-        self._cache: dict[str, Any] = {}
-
-    def _load(self, name: str) -> Any:
-        if name not in self._cache:
-            import pandas as pd
-
-            path = self.run_dir / "samples" / f"{name}.parquet"
-            self._cache[name] = pd.read_parquet(path) if path.is_file() else None
-        return self._cache[name]
-
-    def top(self, name: str, column: str, n: int = 12, ascending: bool = False) -> list[dict[str, Any]]:
-        """The n rows with the largest (or smallest) non-missing `column`, as dicts."""
-        table = self._load(name)
-        if table is None or column not in table.columns:
-            return []
-        rows = table.dropna(subset=[column]).sort_values(column, ascending=ascending, kind="stable").head(n)
-        return [{k: v for k, v in row.items() if k != "probabilities"} for row in rows.to_dict("records")]
 
 
 def explanations(results: dict[str, Any]) -> dict[tuple[str, str], str]:
@@ -183,7 +160,7 @@ def build_view(run_dir: Path, results: dict[str, Any], results_sha256: str) -> d
     sample_images = results.get("run", {}).get("sample_images", True)
     thumbs = Thumbnails(run_dir, results.get("thumbnails", {}), sample_images)
     tables = Tables(run_dir)
-    views = views_for(run_dir, results, sample_images)
+    views = views_for(run_dir, results, sample_images, tables)
     shown = {i for f in results["findings"] if f["status"] != "pass" for i in f.get("evidence", [])}
     facts = {k: v for view in views.values() for k, v in view.facts(shown).items()}
     findings = [_finding_view(f, units, thumbs, facts) for f in results["findings"]]

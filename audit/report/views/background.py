@@ -8,6 +8,7 @@ from typing import Any
 
 import numpy as np
 
+from audit.report.run_files import Tables, run_file
 from audit.report.views.base import ProbeView, register_view
 
 VARIANT_CAPTIONS = {"only_bg_t": "no object", "mixed_same": "own-class bg", "mixed_rand": "other-class bg"}
@@ -22,8 +23,8 @@ class BackgroundView(ProbeView):
 
     probe = "background"
 
-    def __init__(self, run_dir: Path, results: dict[str, Any], sample_images: bool) -> None:
-        super().__init__(run_dir, results, sample_images)
+    def __init__(self, run_dir: Path, results: dict[str, Any], sample_images: bool, tables: Tables) -> None:
+        super().__init__(run_dir, results, sample_images, tables)
         rows = results["probes"].get("attribution", {}).get("details", {}).get("methods", [])
         self.titles = {r["method"]: r.get("short_title") or r.get("title", r["method"]) for r in rows}
         self.titles["occlusion"] = OCCLUSION_TITLE
@@ -33,8 +34,8 @@ class BackgroundView(ProbeView):
         """{uri, panels} of one sample's strip, or None when images are withheld or the bundle is missing."""
         from audit.report.figures import sample_strip
 
-        path = (self.run_dir / entry["artifact"]).resolve()
-        if not self.sample_images or self.run_dir.resolve() not in path.parents or not path.is_file():
+        path = run_file(self.run_dir, entry["artifact"])
+        if not self.sample_images or path is None:
             return None
         with np.load(path, allow_pickle=False) as bundle:
             arrays = {k: bundle[k] for k in bundle.files}

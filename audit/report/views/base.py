@@ -7,6 +7,8 @@ from typing import Any, ClassVar, TypeVar
 
 import pandas as pd
 
+from audit.report.run_files import Tables
+
 _VIEWS: dict[str, type[ProbeView]] = {}
 V = TypeVar("V", bound="type[ProbeView]")
 
@@ -16,19 +18,16 @@ class ProbeView:
 
     probe: ClassVar[str]
 
-    def __init__(self, run_dir: Path, results: dict[str, Any], sample_images: bool) -> None:
+    def __init__(self, run_dir: Path, results: dict[str, Any], sample_images: bool, tables: Tables) -> None:
         self.run_dir = run_dir
         self.results = results
         self.sample_images = sample_images
+        self.tables = tables  # shared with the generic view model: each table is read once per render
         self.details: dict[str, Any] = results["probes"].get(self.probe, {}).get("details", {})
-        self._tables: dict[str, pd.DataFrame | None] = {}
 
     def table(self, name: str) -> pd.DataFrame | None:
         """One of the run's per-sample tables (None when the run has none of that name)."""
-        if name not in self._tables:
-            path = self.run_dir / "samples" / f"{name}.parquet"
-            self._tables[name] = pd.read_parquet(path) if path.is_file() else None
-        return self._tables[name]
+        return self.tables.load(name)
 
     def headline(self, metrics: Any) -> list[dict[str, str]]:
         """Rows for the summary's headline table: {label, value, n}."""
@@ -44,6 +43,6 @@ def register_view(cls: V) -> V:
     return cls
 
 
-def views_for(run_dir: Path, results: dict[str, Any], sample_images: bool) -> dict[str, ProbeView]:
+def views_for(run_dir: Path, results: dict[str, Any], sample_images: bool, tables: Tables) -> dict[str, ProbeView]:
     """A view for each probe of the run that has one (its section may use it as `view`)."""
-    return {name: _VIEWS[name](run_dir, results, sample_images) for name in results["probes"] if name in _VIEWS}
+    return {name: _VIEWS[name](run_dir, results, sample_images, tables) for name in results["probes"] if name in _VIEWS}
