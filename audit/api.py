@@ -9,10 +9,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from audit import __version__
+from audit import __version__, exit_codes
 from audit.config import AuditConfig
 from audit.errors import AuditError, first_line
 from audit.findings import Status, exit_code, sort_findings, verdict
+from audit.run_folder import RunFolder
 from audit.store import ProbeRecord, RunRecord, RunStore, RunTimes, load_results
 
 if TYPE_CHECKING:
@@ -47,21 +48,10 @@ def _progress_factory(quiet: bool):  # type: ignore[no-untyped-def]
 
 def run_audit(config: AuditConfig) -> RunOutcome:
     """Run the whole audit and write results.json, the per-sample tables and the reports."""
-    from audit.data import Preprocessing
     from audit.execution.allocator import retain_freed_memory
-    from audit.execution.local import LocalExecutor
     from audit.metrics.declarations import declarations
-    from audit.plan import (
-        build_plan,
-        load_audited_model,
-        open_manifest,
-        probe_batch,
-        read_output,
-        select_probes,
-    )
-    from audit.probes.base import RunContext
+    from audit.plan import check_run_inputs, open_manifest, select_probes
     from audit.probes.registry import all_probes
-    from audit.provenance import environment
     from audit.rules.catalogue import load_catalogue
 
     retain_freed_memory()
@@ -71,19 +61,37 @@ def run_audit(config: AuditConfig) -> RunOutcome:
     rules = load_catalogue(config.rule_files, config.rules, declared=declared)  # malformed rules fail before any work
     selection = select_probes(config, registry)
     manifest = open_manifest(config)
+    check_run_inputs(config, manifest)
+
+    with RunFolder(config.resolved_out(), force=config.force,
+                   record={"config": config.public_dict(), "manifest_sha256": manifest.sha256}) as folder:
+        return _audit_into(folder, config, registry, declared, rules, selection, manifest, started, clock)
+
+
+def _audit_into(folder: RunFolder, config: AuditConfig, registry: dict[str, type[Probe]], declared: Declarations,
+                rules: list[Any], selection: Any, manifest: Manifest, started: dt.datetime, clock: float) -> RunOutcome:
+    """The audit proper, written into the folder's staging area and swapped into place when complete."""
+    from audit.data import Preprocessing
+    from audit.execution.local import LocalExecutor
+    from audit.plan import build_plan, load_audited_model, probe_batch, read_output
+    from audit.probes.base import RunContext
+    from audit.provenance import environment
+
     model, model_seconds = load_audited_model(config, manifest)
-    prep = Preprocessing.create(model.input_spec.size, model.input_spec.channels, config.mean, config.std)  # type: ignore[arg-type]
+    prep = Preprocessing.create(model.input_spec.size, model.input_spec.channels, config.mean, config.std,  # type: ignore[arg-type]
+                                config.max_image_pixels)
     first = probe_batch(manifest, prep)
     interpretation, classes = read_output(model, first, config.output_kind, config.classes, manifest)
 
-    store = RunStore(config.resolved_out())
+    store = RunStore(folder.staging)
     store.prepare()
     context = RunContext(manifest=manifest, model=model, classes=classes, prep=prep, interpretation=interpretation,
                          seed=config.seed, profile=config.profile, sample_images=config.sample_images,
                          reference_domain=config.reference_domain, progress=_progress_factory(config.quiet),
                          batch_size=config.batch_size)
     plan = build_plan(selection, registry, context, first)
-    executor = LocalExecutor(context, store, plan, config.workers, on_skip=manifest.skip, chunk_samples=config.chunk_samples)
+    executor = LocalExecutor(context, store, plan, config.workers, on_skip=manifest.skip, chunk_samples=config.chunk_samples,
+                             on_mask=manifest.mask_problem)
     outcomes = executor.run()
 
     metrics = {**run_metrics(manifest), **{k: v for o in outcomes.values() if o.evidence for k, v in o.evidence.metrics.items()}}
@@ -101,20 +109,22 @@ def run_audit(config: AuditConfig) -> RunOutcome:
                        executor.forward_seconds, executor.load_seconds),
         verdict=verdict(findings), fail_on=config.fail_on, profile=config.profile, sample_images=config.sample_images,
         model={**model.describe(), "output_kind": interpretation.kind, "num_classes": interpretation.num_classes, "classes": list(classes)},
-        manifest=manifest.describe(), preprocessing=prep.describe(), config=config.public_dict(), metrics=metrics,
+        manifest=manifest.describe(), preprocessing={**prep.describe(), "inferred": model.input_spec.inferred}, config=config.public_dict(), metrics=metrics,
         probes={name: probe_record(registry[name], o, declared) for name, o in outcomes.items()},
         rules=[r.public_dict() for r in rules], findings=findings, thumbnails=thumbnails,
         provenance=environment(model.device, config.seed),
     )
     sha = store.write_results(record.as_dict())
-    reports, render_error = {}, None
     try:
         reports = render(store.root)
-    except AuditError as exc:
-        render_error = str(exc)
-    except Exception as exc:  # noqa: BLE001 - the results are saved; `model-audit render` can retry
-        render_error = f"rendering failed ({first_line(exc)}); results.json is saved, retry with `model-audit render {store.root}`"
-    return RunOutcome(store.root, record.as_dict(), sha, exit_code(findings, config.fail_on), reports, render_error)
+    except Exception as exc:  # noqa: BLE001 - the results are saved; the earlier run stays in place
+        why = str(exc) if isinstance(exc, AuditError) else first_line(exc)
+        message = (f"the reports could not be rendered ({why}); results.json is saved in {store.root} and the earlier run "
+                   f"in {folder.destination} is kept; `model-audit render {store.root}` retries")
+        return RunOutcome(store.root, record.as_dict(), sha, exit_codes.RENDER, {}, message)
+    out = folder.commit()
+    reports = {name: out / path.relative_to(store.root) for name, path in reports.items()}
+    return RunOutcome(out, record.as_dict(), sha, exit_code(findings, config.fail_on), reports)
 
 
 def run_metrics(manifest: Manifest) -> dict[str, float]:

@@ -1,25 +1,33 @@
-"""model-audit command line: parses, calls the API, maps errors to exit codes.
+"""model-audit command line: parses, calls the API, maps errors to exit codes (audit.exit_codes).
 
-Exit codes: 0 no fail/error finding reaches --fail-on; 1 one does; 2 usage or input error
-(one line on stderr, no traceback); 130 interrupted.
+SIGTERM is handled like SIGINT: one line, the earlier run intact (the run folder is a transaction).
 """
 
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from audit import __version__
+from audit import __version__, exit_codes
 from audit.errors import AuditError, InputError, first_line
 from audit.execution.allocator import advise_huge_pages
 
 if TYPE_CHECKING:
     from audit.metrics.declarations import Declarations
 
-EXIT_OK, EXIT_FINDINGS, EXIT_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
+EXIT_OK, EXIT_FINDINGS, EXIT_INPUT, EXIT_INTERRUPTED = exit_codes.PASSED, exit_codes.FINDINGS, exit_codes.INPUT, exit_codes.INTERRUPTED
+
+
+class Terminated(BaseException):
+    """SIGTERM, raised in the main thread like KeyboardInterrupt, so the same cleanup runs."""
+
+
+def _on_sigterm(signum: int, frame: Any) -> None:
+    raise Terminated
 
 
 class _Parser(argparse.ArgumentParser):
@@ -33,12 +41,14 @@ def _csv(text: str) -> list[str]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="model-audit", description="Audit a trained classifier (PyTorch or ONNX) and write a signable report.")
+    parser = _Parser(prog="model-audit", description="Audit a trained classifier (PyTorch or ONNX) and write a signable report.",
+                     epilog=exit_codes.help_text(), formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"model-audit {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     run = sub.add_parser("run", help="run an audit and write results.json, report.html, report.pdf, junit.xml",
-                         description="Run an audit. Flags override the same keys in --config.")
+                         description="Run an audit. Flags override the same keys in --config.",
+                         epilog=exit_codes.help_text(), formatter_class=argparse.RawDescriptionHelpFormatter)
     run.add_argument("--model", help="model.onnx, TorchScript .pt/.pth, torch.export .pt2, or package.module:factory / file.py:factory")
     run.add_argument("--manifest", type=Path, help="CSV, JSONL or Parquet with columns path[, label, id, mask, domain, group]")
     run.add_argument("--weights", type=Path, help="state dict for a factory model (loaded with weights_only=True)")
@@ -55,11 +65,18 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--embedding-layer", metavar="NAME",
                      help="where the embedding tap reads: the classifier head module (torch; its input is the embedding) "
                           "or the embedding tensor (ONNX); default: found from the last linear layer")
+    run.add_argument("--trust-pickle", action="store_true",
+                     help="load a torch.export .pt2 even when loading it unpickles what it carries (runs code from the file)")
     run.add_argument("--data-root", type=Path, action="append", help="extra folder sample paths may point into (repeatable)")
     run.add_argument("--probes", type=_csv, metavar="NAME,...", help="probes to run (default: all); see `model-audit probes`")
     run.add_argument("--profile", choices=["smoke", "standard", "thorough"], help="sample counts and method lists (default standard)")
     run.add_argument("--rules", type=Path, action="append", dest="rule_files", metavar="FILE", help="extra rule file (repeatable)")
-    run.add_argument("--out", type=Path, help="run folder (default reports/<model stem>-<manifest stem>)")
+    run.add_argument("--out", type=Path, help="run folder (default reports/<model stem>-<manifest stem>); replaced only "
+                                              "when the new run is complete")
+    run.add_argument("--force", action="store_true",
+                     help="accept a non-empty --out that is not a model-audit run (its files are kept, never deleted)")
+    run.add_argument("--max-image-pixels", type=int, metavar="N",
+                     help="skip images whose header declares more pixels, before decoding (default 50000000)")
     run.add_argument("--fail-on", choices=["critical", "high", "medium", "low", "info", "never"],
                      help="exit 1 when a fail/error finding is at least this severe (default high)")
     run.add_argument("--device", choices=["auto", "cpu", "cuda"], help="auto uses a GPU when one is visible (default auto)")
@@ -94,7 +111,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 _FLAG_KEYS = ("model", "manifest", "weights", "input_size", "channels", "mean", "std", "layout", "output_kind", "output_name", "embedding_layer",
-              "data_root", "probes", "profile", "rule_files", "out", "fail_on", "device", "seed", "max_samples", "batch_size", "chunk_samples")
+              "data_root", "probes", "profile", "rule_files", "out", "fail_on", "device", "seed", "max_samples", "batch_size", "chunk_samples",
+              "max_image_pixels")
 
 
 def config_from_args(args: argparse.Namespace) -> Any:
@@ -108,6 +126,10 @@ def config_from_args(args: argparse.Namespace) -> Any:
         flags["sample_images"] = False
     if args.quiet:
         flags["quiet"] = True
+    if args.trust_pickle:
+        flags["trust_pickle"] = True
+    if args.force:
+        flags["force"] = True
     return build_config(file_values, flags, source=str(args.config) if args.config else "flags")
 
 
@@ -116,10 +138,11 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
     config = config_from_args(args)
     outcome = run_audit(config)
+    if outcome.render_error:
+        print(f"model-audit: error: {outcome.render_error}", file=sys.stderr)
+        return outcome.exit_code
     if not config.quiet:
         _print_summary(outcome)
-    if outcome.render_error:
-        print(f"model-audit: {outcome.render_error}", file=sys.stderr)
     return outcome.exit_code
 
 
@@ -127,7 +150,12 @@ def _print_summary(outcome: Any) -> None:
     results = outcome.results
     from audit.findings import ATTENTION, count_by_status
 
+    from audit.report.viewmodel import inferred_text
+
     summary = ", ".join(f"{n} {s}" for s, n in count_by_status(results["findings"]).items() if n)
+    inferred = inferred_text(results["preprocessing"].get("inferred"))
+    if inferred:
+        print(f"note: {inferred}")
     print(f"verdict: {results['run']['verdict']} ({summary})")
     for finding in results["findings"]:
         if finding["status"] in ATTENTION:
@@ -146,7 +174,14 @@ def _cmd_render(args: argparse.Namespace) -> int:
     bad = [f for f in args.format if f not in ("html", "pdf", "junit")]
     if bad:
         raise InputError(f"--format: unknown format {bad[0]!r} (html, pdf, junit)")
-    for name, path in render(args.run_dir, args.format).items():
+    try:
+        written = render(args.run_dir, args.format)
+    except AuditError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - a readable run that cannot be drawn is its own exit code
+        print(f"model-audit: error: the reports could not be rendered ({first_line(exc)})", file=sys.stderr)
+        return exit_codes.RENDER
+    for name, path in written.items():
         print(f"{name}: {path}")
     return EXIT_OK
 
@@ -230,11 +265,11 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     from audit.demo import run_demo
 
     outcome = run_demo(args.out, seed=args.seed, profile=args.profile, quiet=args.quiet)
+    if outcome.render_error:
+        print(f"model-audit: error: {outcome.render_error}", file=sys.stderr)
+        return outcome.exit_code
     if not args.quiet:
         _print_summary(outcome)
-    if outcome.render_error:
-        print(f"model-audit: {outcome.render_error}", file=sys.stderr)
-        return EXIT_FINDINGS
     return EXIT_OK
 
 
@@ -244,11 +279,18 @@ COMMANDS = {"run": _cmd_run, "render": _cmd_render, "rules": _cmd_rules, "probes
 def main(argv: Sequence[str] | None = None) -> int:
     advise_huge_pages()  # before anything imports torch
     args = build_parser().parse_args(argv)
+    previous = signal.signal(signal.SIGTERM, _on_sigterm) if _main_thread() else None
     try:
         return COMMANDS[args.command](args)
     except KeyboardInterrupt:
-        print("model-audit: interrupted", file=sys.stderr)
+        print("model-audit: interrupted; an earlier run in the output folder is intact", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except Terminated:
+        print("model-audit: terminated (SIGTERM); an earlier run in the output folder is intact", file=sys.stderr)
+        return exit_codes.TERMINATED
+    except SystemExit as exc:  # user code (a model's forward, a hook) called sys.exit during the audit
+        print(f"model-audit: error: code run during the audit called sys.exit({exc.code!r}); no run was written", file=sys.stderr)
+        return EXIT_INPUT
     except AuditError as exc:
         print(f"model-audit: error: {exc}", file=sys.stderr)
         return EXIT_INPUT
@@ -261,6 +303,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         if os.environ.get("MODEL_AUDIT_DEBUG"):
             raise
         return EXIT_INPUT
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _main_thread() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
 
 
 if __name__ == "__main__":

@@ -83,6 +83,7 @@ class AuditConfig(_Strict):
     layout: Layout | None = None
     output_kind: OutputKind = "auto"
     output_name: str | None = None
+    trust_pickle: bool = False  # accept torch.export archives whose loading unpickles what they carry
     embedding_layer: str | None = None  # the classifier head (torch module) or the embedding tensor (ONNX), when not found by itself
     data_root: list[Path] = Field(default_factory=list)
     probes: list[str] | None = None
@@ -94,7 +95,9 @@ class AuditConfig(_Strict):
     out: Path | None = None
     fail_on: FailOn = "high"
     device: Device = "auto"
-    seed: int = 0
+    seed: int = Field(default=0, ge=0, le=2**32 - 1)  # numpy's generators take 0 .. 2**32 - 1
+    force: bool = False  # write into a non-empty --out that is not a model-audit run (nothing in it is deleted)
+    max_image_pixels: int = Field(default=50_000_000, ge=1)  # images declaring more are skipped before decoding
     max_samples: int | None = Field(default=None, ge=1)
     sample_images: bool = True
     quiet: bool = False

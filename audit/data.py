@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +19,8 @@ from PIL import Image, ImageFile, UnidentifiedImageError
 from audit.errors import SampleError
 from audit.manifest import Sample
 
-Image.MAX_IMAGE_PIXELS = 20_000 * 20_000  # refuse decompression bombs, allow large scientific images
+MAX_IMAGE_PIXELS = 50_000_000  # default for --max-image-pixels: larger headers are refused before decoding
+Image.MAX_IMAGE_PIXELS = None  # our own check (read_input) runs first, with the configured limit and a reason
 
 
 @dataclass(frozen=True)
@@ -28,6 +29,7 @@ class Preprocessing:
     channels: int
     mean: tuple[float, ...]
     std: tuple[float, ...]
+    max_pixels: int = MAX_IMAGE_PIXELS  # per input file, checked on its header before decoding
 
     @classmethod
     def create(
@@ -36,6 +38,7 @@ class Preprocessing:
         channels: int,
         mean: Sequence[float] | None,
         std: Sequence[float] | None,
+        max_pixels: int = MAX_IMAGE_PIXELS,
     ) -> Preprocessing:
         def expand(values: Sequence[float] | None, default: float) -> tuple[float, ...]:
             if values is None:
@@ -46,7 +49,7 @@ class Preprocessing:
                 raise ValueError(f"expected 1 or {channels} normalisation values, got {len(values)}")
             return tuple(float(v) for v in values)
 
-        return cls(tuple(input_size), channels, expand(mean, 0.0), expand(std, 1.0))  # type: ignore[arg-type]
+        return cls(tuple(input_size), channels, expand(mean, 0.0), expand(std, 1.0), max_pixels)  # type: ignore[arg-type]
 
     def normalise(self, x: np.ndarray) -> np.ndarray:
         """(x - mean) / std over the channel axis of a CHW or NCHW array."""
@@ -81,21 +84,49 @@ def _pil_to_array(img: Image.Image) -> np.ndarray:
     return arr if arr.ndim == 3 else arr[..., None]
 
 
-def read_input(path: Path) -> np.ndarray:
-    """Read an image or .npy file as float32 CxHxW; images in [0, 1]."""
+def read_input(path: Path, max_pixels: int = MAX_IMAGE_PIXELS) -> np.ndarray:
+    """Read an image or .npy file as float32 CxHxW; images in [0, 1].
+
+    The size a file declares is checked before anything is decoded: a 140 KB PNG may declare
+    12000 x 12000 pixels and take gigabytes to decode. Running out of memory on one file skips it."""
     try:
         if path.suffix.lower() == ".npy":
+            _check_array_header(path, max_pixels)
             arr = np.load(path, allow_pickle=False)
             return _array_to_chw(arr)
         ImageFile.LOAD_TRUNCATED_IMAGES = False  # weasyprint sets it on import: a cut-off file must be refused, not half-read
         with Image.open(path) as img:
+            width, height = img.size
+            if width * height > max_pixels:
+                raise SampleError(f"image declares {width} x {height} = {width * height:,} pixels, over the limit of "
+                                  f"{max_pixels:,} (--max-image-pixels); not decoded")
+            if width == 0 or height == 0:
+                raise SampleError(f"image is empty ({width} x {height})")
             img.load()
             return np.ascontiguousarray(_pil_to_array(img).transpose(2, 0, 1))
     except FileNotFoundError:
         raise SampleError("file not found") from None
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError) as exc:
+    except MemoryError:
+        raise SampleError("out of memory while decoding it") from None
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError) as exc:
         detail = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise SampleError(f"unreadable: {detail}") from None
+
+
+def _check_array_header(path: Path, max_pixels: int) -> None:
+    """Refuse an empty or over-large .npy from its header, before its data is read."""
+    with open(path, "rb") as fh:
+        version = np.lib.format.read_magic(fh)
+        reader = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        shape, _, dtype = reader(fh)
+    if not shape or 0 in shape:
+        raise SampleError(f"array is empty (shape {tuple(shape)})")
+    if len(shape) in (2, 3):
+        height, width = _plane_shape(shape)
+        plane = height * width
+        if plane > max_pixels:
+            raise SampleError(f"array has shape {tuple(shape)}: {plane:,} pixels, over the limit of {max_pixels:,} "
+                              "(--max-image-pixels); not read")
 
 
 def _array_to_chw(arr: np.ndarray) -> np.ndarray:
@@ -146,16 +177,37 @@ def resize(arr: np.ndarray, size: tuple[int, int], resample: int = Image.BILINEA
 
 def load_sample(sample: Sample, prep: Preprocessing) -> np.ndarray:
     """Model-ready CHW array for one sample (unnormalised, in [0, 1] for images)."""
-    arr = read_input(sample.path)
-    arr = convert_channels(arr, prep.channels)
-    return resize(arr.astype(np.float32, copy=False), prep.input_size)
+    try:
+        arr = read_input(sample.path, prep.max_pixels)
+        arr = convert_channels(arr, prep.channels)
+        return resize(arr.astype(np.float32, copy=False), prep.input_size)
+    except MemoryError:
+        raise SampleError("out of memory while preprocessing it") from None
 
 
-def load_mask(path: Path, size: tuple[int, int]) -> np.ndarray:
+def load_mask(path: Path, size: tuple[int, int], max_pixels: int = MAX_IMAGE_PIXELS) -> np.ndarray:
     """Boolean H x W foreground mask (nonzero = object), resized with nearest neighbour."""
-    arr = read_input(path)
+    arr = read_input(path, max_pixels)
     plane = arr.max(axis=0, keepdims=True)
     return resize(plane, size, Image.NEAREST)[0] > 0
+
+
+def mask_problem(sample: Sample, image_size: tuple[int, int], max_pixels: int = MAX_IMAGE_PIXELS) -> tuple[str, bool] | None:
+    """What is wrong with a sample's mask, and whether the mask is still used (None: nothing).
+
+    An unreadable mask is dropped (the sample stays, without mask); one of another size than its image
+    is resized to the model's input like the image, which is said, because it then covers the object
+    only when both share an aspect ratio."""
+    if sample.mask is None:
+        return None
+    try:
+        shape = read_input(sample.mask, max_pixels).shape[1:]
+    except (SampleError, MemoryError) as exc:
+        return f"mask unreadable ({exc}); sample kept without mask", False
+    if tuple(shape) != tuple(image_size):
+        return (f"mask is {shape[1]} x {shape[0]} but the image is {image_size[1]} x {image_size[0]}; "
+                "both are resized to the model input (nearest neighbour for the mask)"), True
+    return None
 
 
 @dataclass
@@ -185,11 +237,31 @@ def iter_batches(
     workers: int = 2,
     on_skip: Callable[[Sample, str], None] | None = None,
     prefetch: int = 2,
+    on_mask: Callable[[Sample, str, bool], None] | None = None,
 ) -> Iterator[Batch]:
     """`samples` in batches of `batch_size` (see `iter_groups`)."""
     groups = [samples[start : start + batch_size] for start in range(0, len(samples), batch_size)]
-    for _, batch in iter_groups(groups, prep, workers, on_skip, prefetch):
+    for _, batch in iter_groups(groups, prep, workers, on_skip, prefetch, on_mask=on_mask):
         yield batch
+
+
+def source_size(path: Path) -> tuple[int, int]:
+    """A readable input's own H x W, from its header (the file was just decoded)."""
+    if path.suffix.lower() == ".npy":
+        with open(path, "rb") as fh:
+            version = np.lib.format.read_magic(fh)
+            reader = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            shape = reader(fh)[0]
+        return _plane_shape(shape)
+    with Image.open(path) as img:
+        return img.size[1], img.size[0]
+
+
+def _plane_shape(shape: Sequence[int]) -> tuple[int, int]:
+    """H x W of an array as `_array_to_chw` lays it out (H x W, C x H x W, or H x W x C channels-last)."""
+    if len(shape) == 3 and shape[0] > 4 and shape[-1] <= 4:
+        return int(shape[0]), int(shape[1])
+    return int(shape[-2]), int(shape[-1])
 
 
 def iter_groups(
@@ -199,29 +271,40 @@ def iter_groups(
     on_skip: Callable[[Sample, str], None] | None = None,
     prefetch: int = 2,
     load: bool | Sequence[bool] = True,
+    on_mask: Callable[[Sample, str, bool], None] | None = None,
 ) -> Iterator[tuple[int, Batch]]:
     """(group index, batch) for each group with a readable sample, decoded in a thread pool with
     bounded look-ahead; unreadable samples go to `on_skip`. A group whose `load` is False is not
-    read: its batch carries the samples only (empty arrays)."""
+    read: its batch carries the samples only (empty arrays). With `on_mask`, each sample's mask is
+    checked too (`mask_problem`): the problem goes to `on_mask(sample, reason, kept)`, and a dropped
+    mask leaves the batch's sample without one."""
     loads = [load] * len(groups) if isinstance(load, bool) else list(load)
 
-    def load_chunk(chunk: Sequence[Sample], read: bool) -> tuple[list[Sample], list[np.ndarray], list[tuple[Sample, str]]]:
+    def load_chunk(chunk: Sequence[Sample], read: bool) -> tuple[list[Sample], list[np.ndarray], list[tuple[Sample, str]], list]:
         if not read:
-            return list(chunk), [], []
-        good, arrays, bad = [], [], []
+            return list(chunk), [], [], []
+        good, arrays, bad, masks = [], [], [], []
         for sample in chunk:
             try:
                 arrays.append(load_sample(sample, prep))
-                good.append(sample)
             except SampleError as exc:
                 bad.append((sample, str(exc)))
-        return good, arrays, bad
+                continue
+            problem = mask_problem(sample, source_size(sample.path), prep.max_pixels) if on_mask and sample.mask else None
+            if problem is not None:
+                masks.append((sample, *problem))
+                if not problem[1]:
+                    sample = replace(sample, mask=None)
+            good.append(sample)
+        return good, arrays, bad, masks
 
     def emit(index: int, item: Future | tuple) -> Iterator[tuple[int, Batch]]:
-        good, arrays, bad = item.result() if isinstance(item, Future) else item
+        good, arrays, bad, masks = item.result() if isinstance(item, Future) else item
         for sample, reason in bad:
             if on_skip is not None:
                 on_skip(sample, reason)
+        for sample, reason, kept in masks:
+            on_mask(sample, reason, kept)  # type: ignore[misc]
         if good:
             raw = np.stack(arrays) if arrays else np.zeros((0,), np.float32)
             yield index, Batch(good, prep.normalise(raw) if arrays else raw, raw)

@@ -468,28 +468,36 @@ def model_card(data: DemoData, seed: int) -> dict[str, str]:
     }
 
 
-def run_demo(out: Path, seed: int = 0, profile: str = "standard", quiet: bool = False) -> RunOutcome:
-    """Generate the data, train, export to ONNX and audit the ONNX model; everything lands in `out`.
+def demo_inputs(out: Path) -> Path:
+    """Where the demo's generated data and model go: beside the run folder, never inside it, since a
+    run folder is replaced whole by the next run (audit.run_folder)."""
+    out = Path(out)
+    return out.parent / f"{out.name}-inputs"
 
-    `out/data` holds the data set, `out/model` the state dict and the ONNX file, `out` the run.
+
+def run_demo(out: Path, seed: int = 0, profile: str = "standard", quiet: bool = False) -> RunOutcome:
+    """Generate the data, train, export to ONNX and audit the ONNX model into `out`.
+
+    `<out>-inputs/data` holds the data set, `<out>-inputs/model` the state dict and the ONNX file.
     The audit never fails the command (fail_on="never"): finding problems is the demo's point.
     """
     from audit.api import run_audit
     from audit.config import build_config
 
     out = Path(out)
+    inputs = demo_inputs(out)
     say = (lambda text: None) if quiet else (lambda text: print(f"demo: {text}", flush=True))
     clock = time.perf_counter()
-    data = generate_dataset(out / "data", seed=seed)
+    data = generate_dataset(inputs / "data", seed=seed)
     say(f"generated {len(data.train.ids)} training and {len(data.audit.ids)} audit images in "
         f"{time.perf_counter() - clock:.1f}s ({data.root})")
 
     clock = time.perf_counter()
     model = train_model(data, seed=seed)
     say(f"trained the CNN in {time.perf_counter() - clock:.1f}s")
-    (out / "model").mkdir(parents=True, exist_ok=True)
-    torch.save(model.state_dict(), out / "model" / "weights.pt")
-    onnx_path = export_onnx(model, out / "model" / "demo.onnx", tuple(data.audit.images.shape[1:3]))  # type: ignore[arg-type]
+    (inputs / "model").mkdir(parents=True, exist_ok=True)
+    torch.save(model.state_dict(), inputs / "model" / "weights.pt")
+    onnx_path = export_onnx(model, inputs / "model" / "demo.onnx", tuple(data.audit.images.shape[1:3]))  # type: ignore[arg-type]
 
     clock = time.perf_counter()
     config = build_config({}, {

@@ -12,7 +12,7 @@ import json
 import math
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -77,6 +77,12 @@ class Manifest:
         """Drop a sample whose file turned out unreadable during the run."""
         self.samples = [s for s in self.samples if s.id != sample.id]
         self.skipped.append(SkippedRow(sample.id, str(sample.path), reason))
+
+    def mask_problem(self, sample: Sample, reason: str, kept: bool) -> None:
+        """List a mask that could not be read (the sample stays, without it) or was resized."""
+        self.warnings.append(SkippedRow(sample.id, str(sample.mask), reason))
+        if not kept:
+            self.samples = [replace(s, mask=None) if s.id == sample.id else s for s in self.samples]
 
     def describe(self) -> dict[str, Any]:
         return {

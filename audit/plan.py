@@ -14,8 +14,9 @@ the model, so a probe that cannot run says why before any work is spent on it:
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -62,22 +63,52 @@ def open_manifest(config: AuditConfig) -> Manifest:
     return manifest
 
 
-def first_readable(manifest: Manifest) -> np.ndarray:
-    """The first sample that reads (C x H x W), to infer a torch model's input size and channels;
-    the unreadable ones before it are skipped, as the forward pass would skip them."""
+def check_run_inputs(config: AuditConfig, manifest: Manifest) -> None:
+    """What the config says about the data, checked against the manifest before any compute: a
+    `reference_domain` the manifest lacks would leave every domain comparison unjudged."""
+    domains = manifest.domains
+    if config.reference_domain is not None and config.reference_domain not in domains:
+        listed = ", ".join(domains) if domains else "none: the manifest has no 'domain' column"
+        raise InputError(f"reference_domain {config.reference_domain!r} is not a domain of {manifest.path} (domains: {listed})")
+
+
+GEOMETRY_SAMPLES = 32  # readable samples a torch model's input size and channels are inferred from
+LISTED_SIZES = 20  # samples of other sizes named in results.json (all are counted)
+
+
+def infer_geometry(spec: InputSpec, manifest: Manifest, max_pixels: int) -> None:
+    """A torch model's input size (and channels, when the model does not fix them) from the data: the
+    most common over the first `GEOMETRY_SAMPLES` readable samples, ties to the first seen. One odd
+    first image must not resize every input. Samples of other sizes are counted and listed."""
+    from audit.data import source_size
+
+    if spec.size is not None and spec.channels is not None:
+        return
+    shapes: list[tuple[int, ...]] = []
     for sample in list(manifest.samples):
+        if len(shapes) == GEOMETRY_SAMPLES:
+            break
         try:
-            return read_input(sample.path)
+            shapes.append(read_input(sample.path, max_pixels).shape)
         except SampleError as exc:
             manifest.skip(sample, str(exc))
-    raise InputError(f"{manifest.path}: no sample could be read ({len(manifest.skipped)} rows skipped)")
-
-
-def complete_input_spec(spec: InputSpec, manifest: Manifest, onnx: bool) -> None:
-    """A torch model takes the size of the first sample unless one is given (ONNX files fix theirs)."""
-    if not onnx and spec.size is None:
-        first = first_readable(manifest)
-        spec.size = (int(first.shape[1]), int(first.shape[2]))
+    if not shapes:
+        raise InputError(f"{manifest.path}: no sample could be read ({len(manifest.skipped)} rows skipped)")
+    inferred: dict[str, Any] = {"from_samples": len(shapes)}
+    if spec.size is None:
+        size = Counter(tuple(int(v) for v in shape[1:]) for shape in shapes).most_common(1)[0][0]
+        spec.size = size  # type: ignore[assignment]
+        others = []
+        for sample in manifest.samples:
+            try:
+                own = source_size(sample.path)
+            except Exception:  # noqa: BLE001 - an unreadable file is skipped, with its reason, when it is loaded
+                continue
+            if own != size:
+                others.append({"id": sample.id, "size": list(own)})
+        inferred.update(size=list(size), other_sizes=len(others), other_size_samples=others[:LISTED_SIZES])
+    inferred["channel_counts"] = {str(c): n for c, n in Counter(int(shape[0]) for shape in shapes).most_common()}
+    spec.inferred = inferred
 
 
 def probe_batch(manifest: Manifest, prep: Preprocessing, size: int = PROBE_BATCH) -> Batch:
@@ -199,18 +230,26 @@ def execution_order(probes: list[Probe], producers: dict[str, str]) -> list[Prob
 
 
 def load_audited_model(config: AuditConfig, manifest: Manifest) -> tuple[ModelAdapter, float]:
-    """The model, with what its file does not fix taken from the data (a torch model's input size
-    and channels come from the first readable sample); returns it and the seconds it took to load."""
+    """The model, with what its file does not fix taken from the data (a torch model's input size and
+    channels: `infer_geometry`); returns it and the seconds it took to load."""
     import time
 
     from audit.models import InputSpec, is_onnx, load_model, resolve_device
 
     device = resolve_device(config.device)
     spec = InputSpec(channels=config.channels, size=tuple(config.input_size) if config.input_size else None, layout=config.layout)
-    complete_input_spec(spec, manifest, is_onnx(config.model))
+    if not is_onnx(config.model):  # ONNX files fix their own geometry
+        infer_geometry(spec, manifest, config.max_image_pixels)
     tick = time.perf_counter()
-    model = load_model(config.model, spec, device, config.weights, config.output_name, embedding_layer=config.embedding_layer)
+    model = load_model(config.model, spec, device, config.weights, config.output_name, embedding_layer=config.embedding_layer,
+                       trust_pickle=config.trust_pickle)
     seconds = time.perf_counter() - tick
-    if model.input_spec.channels is None:
-        model.input_spec.channels = int(first_readable(manifest).shape[0])
+    inferred = model.input_spec.inferred
+    if model.input_spec.channels is None and inferred is not None:
+        model.input_spec.channels = int(next(iter(inferred["channel_counts"])))
+        inferred["channels"] = model.input_spec.channels
+    if inferred is not None:
+        inferred.pop("channel_counts", None)
+        if "size" not in inferred and "channels" not in inferred:
+            model.input_spec.inferred = None
     return model, seconds

@@ -34,7 +34,8 @@ _UMASK = os.umask(0o022)
 os.umask(_UMASK)
 RESULTS = "results.json"
 REPORT_FILES = ("report.html", "report.pdf", "junit.xml")
-RUN_FOLDERS = ("samples", "artifacts", "arrays", "chunks", "steps")  # what a run writes; emptied by a re-run
+RUN_FOLDERS = ("samples", "artifacts", "arrays", "chunks", "steps")
+RUN_ENTRIES = frozenset({RESULTS, *REPORT_FILES, *RUN_FOLDERS})  # what a run writes; anything else in its folder is the user's
 
 
 def atomic_write(path: Path, data: bytes) -> None:
@@ -108,15 +109,9 @@ class RunStore:
         return self.root / RESULTS
 
     def prepare(self) -> None:
-        """Create the run folder and remove an earlier run's files, so a failed re-run never leaves
-        old results next to new tables. Other files in the folder (e.g. the demo's data) are kept."""
+        """Lay out a new run in an empty folder (a run writes into a fresh staging folder, never into an
+        earlier run: audit.run_folder)."""
         self.root.mkdir(parents=True, exist_ok=True)
-        for name in (RESULTS, *REPORT_FILES):
-            (self.root / name).unlink(missing_ok=True)
-        for sub in RUN_FOLDERS:
-            folder = self.root / sub
-            if folder.is_dir():
-                shutil.rmtree(folder)
         for sub in ("samples", "artifacts"):
             (self.root / sub).mkdir(exist_ok=True)
 
@@ -197,10 +192,9 @@ class RunStore:
 
 
 def _write_parquet(path: Path, frame: pd.DataFrame) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".parquet.tmp")
-    frame.reset_index(drop=True).to_parquet(tmp, index=False)
-    os.replace(tmp, path)
+    buffer = io.BytesIO()
+    frame.reset_index(drop=True).to_parquet(buffer, index=False)
+    atomic_write(path, buffer.getvalue())
 
 
 def _key_array(column: pd.Series) -> np.ndarray:

@@ -49,9 +49,10 @@ def small_control(tmp_path_factory: pytest.TempPathFactory) -> DemoData:
 
 @pytest.fixture(scope="module")
 def demo_run(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
-    """The real demo (default data, training, ONNX export, audit) once for the module."""
-    out = tmp_path_factory.mktemp("demo")
-    return out, demo.run_demo(out, seed=0, profile="smoke", quiet=True)
+    """The real demo (default data, training, ONNX export, audit) once for the module: its inputs
+    folder (data, model; beside the run folder, not in it) and its outcome."""
+    out = tmp_path_factory.mktemp("demo") / "demo"
+    return demo.demo_inputs(out), demo.run_demo(out, seed=0, profile="smoke", quiet=True)
 
 
 @pytest.fixture(scope="module")
@@ -209,7 +210,7 @@ def test_demo_audit_finds_the_shortcut_and_the_domain_gap(demo_run) -> None:  # 
     out, outcome = demo_run
     assert outcome.exit_code == 0
     assert (out / "model" / "weights.pt").is_file() and (out / "model" / "demo.onnx").is_file()
-    assert (out / "results.json").is_file()
+    assert (outcome.out / "results.json").is_file() and not (outcome.out / "data").exists()
     findings = {(f["rule"], f["scope"]): f for f in outcome.results["findings"]}
     assert findings[("class-recall-floor", "class:wolf")]["status"] in ("warn", "fail")
     assert findings[("domain-accuracy-gap", "domain:data")]["status"] == "fail"

@@ -146,12 +146,14 @@ class DetailStage:
 
 class LocalExecutor:
     def __init__(self, context: RunContext, store: RunStore, plan: Plan, workers: int,
-                 on_skip: Callable[[Sample, str], None], chunk_samples: int = CHUNK_SAMPLES) -> None:
+                 on_skip: Callable[[Sample, str], None], chunk_samples: int = CHUNK_SAMPLES,
+                 on_mask: Callable[[Sample, str, bool], None] | None = None) -> None:
         self.context = context
         self.store = store
         self.plan = plan
         self.workers = workers
         self.on_skip = on_skip
+        self.on_mask = on_mask  # the shared pass checks every mask it meets and reports problems here
         self.chunk_samples = chunk_samples
         self.forward_seconds = 0.0
         self.load_seconds = 0.0
@@ -167,7 +169,8 @@ class LocalExecutor:
         return outcomes
 
     def shared_pass(self, samples: Sequence[Sample], outcomes: dict[str, ProbeOutcome]) -> None:
-        batches = iter_batches(samples, self.context.prep, self.context.batch_size, self.workers, self.on_skip)
+        batches = iter_batches(samples, self.context.prep, self.context.batch_size, self.workers, self.on_skip,
+                               on_mask=self.on_mask)
         bar = self.context.progress(total=len(samples), desc="forward pass", unit="sample")
         tick = time.perf_counter()
         try:

@@ -40,6 +40,7 @@ def load_model(
     weights: Path | None = None,
     output_name: str | None = None,
     embedding_layer: str | None = None,
+    trust_pickle: bool = False,
 ) -> ModelAdapter:
     """`.onnx` through onnxruntime (+ onnx2torch); `.pt`/`.pth`/`.pt2` or `module:factory` through torch.
 
@@ -51,6 +52,9 @@ def load_model(
       the data input of the last Gemm or MatMul.
     A name the model lacks does not fail the load: the embedding tap's reason says so
     (`adapter.tap_reason("embedding")`), and only the probes that need it are skipped.
+
+    Loading runs no code the file carries (docs/loading.md says how, per format); `trust_pickle`
+    is the one way to accept a torch.export archive with pickled parts.
     """
     if is_onnx(model):
         from audit.models.onnx_adapter import build_onnx_adapter
@@ -62,4 +66,4 @@ def load_model(
         return build_onnx_adapter(Path(model), input_spec, output_name, device, embedding_layer)
     from audit.models.torch_adapter import build_torch_adapter
 
-    return build_torch_adapter(str(model), weights, input_spec, device, embedding_layer)
+    return build_torch_adapter(str(model), weights, input_spec, device, embedding_layer, trust_pickle)

@@ -67,6 +67,7 @@ class InputSpec:
     size: tuple[int, int] | None = None
     layout: str | None = None  # "nchw" | "nhwc"
     fixed_batch: int | None = None
+    inferred: dict[str, Any] | None = None  # what was taken from the data rather than given (audit.plan.infer_geometry)
 
 
 @dataclass

@@ -236,16 +236,16 @@ def load_factory(spec: str) -> tuple[nn.Module, list[Path]]:
         sys.path.insert(0, str(path.parent))
         try:
             module_spec.loader.exec_module(module)
-        except Exception as exc:  # noqa: BLE001
-            raise ModelLoadError(f"{path}: importing failed ({first_line(exc)})") from None
+        except (Exception, SystemExit) as exc:  # noqa: BLE001 - user code: sys.exit() there is a failed load, not our exit
+            raise ModelLoadError(f"{path}: importing failed ({_user_failure(exc)})") from None
         finally:
             sys.path.remove(str(path.parent))
         files.append(path)
     else:
         try:
             module = importlib.import_module(target)
-        except Exception as exc:  # noqa: BLE001
-            raise ModelLoadError(f"--model {spec}: cannot import {target!r} ({first_line(exc)})") from None
+        except (Exception, SystemExit) as exc:  # noqa: BLE001
+            raise ModelLoadError(f"--model {spec}: cannot import {target!r} ({_user_failure(exc)})") from None
         if getattr(module, "__file__", None):
             files.append(Path(module.__file__))
     factory = getattr(module, attr, None)
@@ -253,11 +253,17 @@ def load_factory(spec: str) -> tuple[nn.Module, list[Path]]:
         raise InputError(f"--model {spec}: {target} has no attribute {attr!r}")
     try:
         model = factory() if callable(factory) and not isinstance(factory, nn.Module) else factory
-    except Exception as exc:  # noqa: BLE001
-        raise ModelLoadError(f"--model {spec}: calling {attr}() failed ({first_line(exc)})") from None
+    except (Exception, SystemExit) as exc:  # noqa: BLE001
+        raise ModelLoadError(f"--model {spec}: calling {attr}() failed ({_user_failure(exc)})") from None
     if not isinstance(model, nn.Module):
         raise ModelLoadError(f"--model {spec}: {attr} returned {type(model).__name__}, not a torch.nn.Module")
     return model, files
+
+
+def _user_failure(exc: BaseException) -> str:
+    if isinstance(exc, SystemExit):
+        return f"it called sys.exit({exc.code!r})"
+    return first_line(exc)
 
 
 _STATE_KEYS = ("state_dict", "model_state_dict", "model", "net", "weights")
@@ -389,8 +395,10 @@ def build_torch_adapter(
     input_spec: InputSpec,
     device: str,
     embedding_layer: str | None = None,
+    trust_pickle: bool = False,
 ) -> TorchAdapter:
-    """`embedding_layer` names the head module: the embedding is its input (None: the last nn.Linear)."""
+    """`embedding_layer` names the head module: the embedding is its input (None: the last nn.Linear);
+    `trust_pickle` accepts torch.export archives whose loading unpickles what they carry."""
     path = Path(model_spec)
     suffix = path.suffix.lower()
     notes: list[str] = []
@@ -402,7 +410,7 @@ def build_torch_adapter(
         if weights is not None:
             raise InputError(f"--weights {weights}: a TorchScript file carries its own weights; --weights is for model factories")
     elif suffix == ".pt2" and path.is_file():
-        module, files, capabilities = _load_exported(path)
+        module, files, capabilities = _load_exported(path, trust_pickle)
         fmt = "torch.export"
     elif suffix in (".pt", ".pth", ".pt2"):
         raise InputError(f"{path}: model file not found")
@@ -496,9 +504,26 @@ def _load_torchscript(path: Path) -> tuple[nn.Module, list[Path], dict[Capabilit
     return module, [path], capabilities
 
 
-def _load_exported(path: Path) -> tuple[nn.Module, list[Path], dict[Capability, str | None]]:
+def _load_exported(path: Path, trust_pickle: bool = False) -> tuple[nn.Module, list[Path], dict[Capability, str | None]]:
+    """A torch.export archive, refused when loading it would unpickle or run what it carries (see
+    audit.models.export_archive) unless `trust_pickle`."""
+    from audit.models.export_archive import unsafe_parts, weights_only_loads
+
+    if not trust_pickle:
+        try:
+            unsafe = unsafe_parts(path)
+        except ValueError as exc:
+            raise ModelLoadError(f"{path}: cannot load torch.export program ({exc})") from None
+        if unsafe:
+            more = f" (and {len(unsafe) - 1} more)" if len(unsafe) > 1 else ""
+            raise ModelLoadError(f"{path}: refused: loading it would unpickle or run code it carries: {unsafe[0]}{more}; "
+                                 "re-export without pickled parts, or pass --trust-pickle if you trust whoever made the file")
     try:
-        program = torch.export.load(str(path))
+        if trust_pickle:
+            program = torch.export.load(str(path))
+        else:
+            with weights_only_loads():
+                program = torch.export.load(str(path))
     except Exception as exc:  # noqa: BLE001
         raise ModelLoadError(f"{path}: cannot load torch.export program ({first_line(exc)})") from None
     capabilities: dict[Capability, str | None] = {}

@@ -12,6 +12,7 @@ Two kinds of evidence, both needing foreground masks:
 from __future__ import annotations
 
 import io
+import zipfile
 from typing import Any
 
 import numpy as np
@@ -242,7 +243,7 @@ class Background(Probe):
         return self._swap(batch) if batch.kind == "swap" else self._mask_fractions(batch)
 
     def _mask_fractions(self, batch: DetailBatch) -> DetailOutput:
-        full, ok = load_masks(batch.samples, self.context.prep.input_size)
+        full, ok = load_masks(batch.samples, self.context.prep.input_size, self.context.prep.max_pixels)
         if not ok.any():
             return DetailOutput()
         side = max(next(m[i] for m in self._maps.values() for i in m).shape)  # every map has the same size
@@ -255,7 +256,7 @@ class Background(Probe):
         Keeps, per class, display copies of only the few samples a gallery could show (those with
         heatmaps first, then the highest background ratio): memory stays bounded on large audits."""
         context = self.context
-        masks, ok = load_masks(batch.samples, context.prep.input_size)
+        masks, ok = load_masks(batch.samples, context.prep.input_size, context.prep.max_pixels)
         if not ok.any():
             return DetailOutput()
         forward = probabilities_function(context)
@@ -446,17 +447,32 @@ class Background(Probe):
                 sample_id = str(candidates.keys["id"].iat[j])
                 arrays = {name: values[j] for name, values in candidates.values.items()}
                 arrays.update({f"map_{m}": maps[sample_id].astype(np.float16) for m, maps in self._maps.items() if sample_id in maps})
-                buffer = io.BytesIO()
-                np.savez_compressed(buffer, **arrays)
                 row = rows.loc[sample_id]
                 entries.append({
                     "id": sample_id,
-                    "artifact": data.write_artifact(buffer.getvalue(), ".npz"),
+                    "artifact": data.write_artifact(_npz_bytes(arrays), ".npz"),
                     "outside_ratio": float(candidates.keys["ratio"].iat[j]),
                     "predictions": {v: (names[int(row[f"pred_{v}"])] if row[f"pred_{v}"] >= 0 else None) for v in ("original", *VARIANTS)},
                 })
             galleries[str(cls)] = entries
         return galleries
+
+
+ZIP_EPOCH = (1980, 1, 1, 0, 0, 0)
+
+
+def _npz_bytes(arrays: dict[str, np.ndarray]) -> bytes:
+    """The arrays as a compressed .npz whose bytes depend on the arrays alone: every entry carries
+    the same fixed zip timestamp (np.savez_compressed leaves it to zipfile, which may stamp the clock),
+    so the content-addressed artifact name is the same on every run. np.load reads it as usual."""
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", compression=zipfile.ZIP_DEFLATED) as archive:
+        for name, value in arrays.items():
+            entry = zipfile.ZipInfo(f"{name}.npy", date_time=ZIP_EPOCH)
+            entry.compress_type = zipfile.ZIP_DEFLATED
+            with archive.open(entry, "w", force_zip64=True) as fid:  # force_zip64 as numpy does (gh-10776)
+                np.lib.format.write_array(fid, np.asanyarray(value), allow_pickle=False)
+    return buffer.getvalue()
 
 
 def _best_candidates(keys: pd.DataFrame, per_class: int) -> np.ndarray:

@@ -15,7 +15,7 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
-from audit.data import load_mask
+from audit.data import MAX_IMAGE_PIXELS, load_mask
 from audit.errors import SampleError
 from audit.metrics.declarations import ColumnSpec
 
@@ -79,15 +79,16 @@ def shrink(maps: np.ndarray, side: int = MAP_SIDE) -> np.ndarray:
     return F.adaptive_avg_pool2d(torch.from_numpy(np.ascontiguousarray(maps, np.float32))[:, None], size)[:, 0].numpy()
 
 
-def load_masks(samples: Sequence[Sample], size: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
-    """(N, H, W) boolean masks at the model's input size and whether each could be read."""
+def load_masks(samples: Sequence[Sample], size: tuple[int, int], max_pixels: int = MAX_IMAGE_PIXELS) -> tuple[np.ndarray, np.ndarray]:
+    """(N, H, W) boolean masks at the model's input size and whether each could be read (the shared pass
+    has already listed, and dropped, the masks that cannot be)."""
     masks = np.zeros((len(samples), *size), dtype=bool)
     ok = np.zeros(len(samples), dtype=bool)
     for i, sample in enumerate(samples):
         if sample.mask is None:
             continue
         try:
-            masks[i] = load_mask(sample.mask, size)
+            masks[i] = load_mask(sample.mask, size, max_pixels)
             ok[i] = True
         except SampleError:
             continue

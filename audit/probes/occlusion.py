@@ -155,7 +155,7 @@ class Occlusion(Probe):
         frame = block[["id", "class", "domain", "target"]].assign(
             probability=probs, deletion_auc=ranked.auc, random_deletion_auc=control.auc,
             object_drop=np.nan, background_drop=np.nan)
-        masks, ok = load_masks(batch.samples, (h, w))
+        masks, ok = load_masks(batch.samples, (h, w), self.context.prep.max_pixels)
         if ok.any():
             covered_object = torch.where(torch.from_numpy(masks[ok])[:, None], fill[ok], x[ok])
             regions = np.stack([background_region(m) for m in masks[ok]])

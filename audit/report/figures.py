@@ -18,6 +18,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 plt.rcParams.update({
+    "text.parse_math": False,  # class names and ids are data: "$x^2$" is drawn as typed, never parsed as math text
+    "text.usetex": False,
     "svg.fonttype": "path",  # text as outlines: identical in every viewer and in the PDF
     "svg.hashsalt": "model-audit",  # deterministic ids: the same run gives the same bytes
     "font.size": 8,

@@ -152,6 +152,23 @@ def _finding_view(f: dict[str, Any], units: dict[str, str], thumbs: Thumbnails, 
     }
 
 
+def inferred_text(inferred: dict[str, Any] | None) -> str | None:
+    """One sentence for the CLI summary and the report's first page; None when nothing was inferred."""
+    if not inferred or ("size" not in inferred and "channels" not in inferred):
+        return None
+    parts = []
+    if "size" in inferred:
+        h, w = inferred["size"]
+        parts.append(f"input size {h} x {w}")
+    if "channels" in inferred:
+        parts.append(f"{inferred['channels']} channel(s)")
+    text = f"{' and '.join(parts)} inferred from the most common among the first {inferred['from_samples']} readable samples"
+    others = inferred.get("other_sizes", 0)
+    if others:
+        text += f"; {others} sample(s) of other sizes are resized to it (give --input-size to choose)"
+    return text
+
+
 def build_view(run_dir: Path, results: dict[str, Any], results_sha256: str) -> dict[str, Any]:
     units: dict[str, str] = {}
     for probe in results["probes"].values():
@@ -212,6 +229,7 @@ def build_view(run_dir: Path, results: dict[str, Any], results_sha256: str) -> d
         "verdict_class": VERDICT_CLASS[results["run"]["verdict"]],
         "date": date,
         "tool_version": results["tool"]["version"],
+        "input_inferred": inferred_text(results.get("preprocessing", {}).get("inferred")),
         "results_sha256": results_sha256,
         "short_sha": results_sha256[:12],
         "counts": counts,
