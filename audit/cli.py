@@ -296,6 +296,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_INPUT
     except BrokenPipeError:
         return EXIT_OK
+    except OSError as exc:
+        if exc.filename is None:
+            raise
+        print(f"model-audit: error: {exc.filename}: {exc.strerror or first_line(exc)}", file=sys.stderr)  # a path given is a folder, unreadable, ...
+        return EXIT_INPUT
     except Exception as exc:  # noqa: BLE001 - an unexpected failure is still one line, with how to get details
         print(f"model-audit: internal error: {first_line(exc)} (please report it; rerun with MODEL_AUDIT_DEBUG=1 for a traceback)", file=sys.stderr)
         import os

@@ -153,6 +153,10 @@ def read_config_file(path: Path) -> dict[str, Any]:
         raw = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise InputError(f"{path}: config file not found") from None
+    except UnicodeDecodeError:
+        raise InputError(f"{path}: config file is not UTF-8 text") from None
+    except OSError as exc:
+        raise InputError(f"{path}: cannot read the config file ({exc.strerror})") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark is not None else ""
@@ -211,6 +215,8 @@ def read_classes_file(path: Path | str) -> list[str]:
         raise InputError(f"{path}: classes file not found") from None
     except UnicodeDecodeError:
         raise InputError(f"{path}: classes file is not UTF-8 text") from None
+    except OSError as exc:
+        raise InputError(f"{path}: cannot read the classes file ({exc.strerror})") from None
     names = [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
     if not names:
         raise InputError(f"{path}: classes file lists no class names")
