@@ -52,16 +52,18 @@ def run_audit(config: AuditConfig) -> RunOutcome:
     from audit.metrics.declarations import declarations
     from audit.plan import check_run_inputs, open_manifest, select_probes
     from audit.probes.registry import all_probes
-    from audit.rules.catalogue import load_catalogue
+    from audit.rules.catalogue import check_waivers, load_catalogue
 
     retain_freed_memory()
     started, clock = dt.datetime.now(dt.timezone.utc), time.perf_counter()
     registry = all_probes()
     declared = declarations(registry)
     rules = load_catalogue(config.rule_files, config.rules, declared=declared)  # malformed rules fail before any work
+    check_waivers(config.waivers, rules, config.rules)
     selection = select_probes(config, registry)
     manifest = open_manifest(config)
     check_run_inputs(config, manifest)
+    check_waivers(config.waivers, rules, config.rules, classes=config.classes, domains=manifest.domains)
 
     with RunFolder(config.resolved_out(), force=config.force,
                    record={"config": config.public_dict(), "manifest_sha256": manifest.sha256}) as folder:
@@ -76,12 +78,14 @@ def _audit_into(folder: RunFolder, config: AuditConfig, registry: dict[str, type
     from audit.plan import build_plan, load_audited_model, probe_batch, read_output
     from audit.probes.base import RunContext
     from audit.provenance import environment
+    from audit.rules.catalogue import check_waivers
 
     model, model_seconds = load_audited_model(config, manifest)
     prep = Preprocessing.create(model.input_spec.size, model.input_spec.channels, config.mean, config.std,  # type: ignore[arg-type]
                                 config.max_image_pixels)
     first = probe_batch(manifest, prep)
     interpretation, classes = read_output(model, first, config.output_kind, config.classes, manifest)
+    check_waivers(config.waivers, rules, config.rules, classes=list(classes), domains=manifest.domains)  # before any probe runs
 
     store = RunStore(folder.staging)
     store.prepare()

@@ -19,8 +19,8 @@ from pydantic import (
     model_validator,
 )
 
-from audit.errors import InputError
-from audit.rules.schema import Threshold
+from audit.errors import InputError, first_line
+from audit.rules.schema import ID_PATTERN, Threshold, scope_problem
 
 FailOn = Literal["critical", "high", "medium", "low", "info", "never"]
 Profile = Literal["smoke", "standard", "thorough"]
@@ -54,21 +54,49 @@ class ModelCard(_Strict):
 
 
 class RuleOverride(_Strict):
-    """Per-rule changes from the config: `rules.<id>.thresholds` and friends."""
+    """Per-rule changes from the config: `rules.<id>.thresholds` and friends. Thresholds are held to
+    the rule format (finite numbers, known ops and statuses); the rule they change is validated again
+    with them when the catalogue is loaded."""
 
     enabled: bool = True
     thresholds: list[Threshold] | None = None
     min_support: int | None = Field(default=None, ge=0)
 
+    @field_validator("thresholds")
+    @classmethod
+    def _some_thresholds(cls, value: list[Threshold] | None) -> list[Threshold] | None:
+        if value is not None and not value:
+            raise ValueError("list at least one threshold (or switch the rule off with enabled: false)")
+        return value
+
 
 class Waiver(_Strict):
-    """An accepted risk: the finding stays in the report, marked waived, with who and why."""
+    """An accepted risk: the finding stays in the report, marked waived, with who and why.
 
-    rule: str
+    `scope` is a finding's scope as results.json writes it (`global`, `class:fox`, `domain:data/class:fox`,
+    ...) or `*` for every scope of the rule. That the rule exists and can have the scope is checked with
+    the catalogue (audit.rules.catalogue.check_waivers); a waiver that waives nothing is reported."""
+
+    rule: str = Field(pattern=ID_PATTERN)
     scope: str = "global"
     reason: str
     by: str
     expires: dt.date | None = None  # an expired waiver no longer applies
+
+    @field_validator("scope")
+    @classmethod
+    def _scope_grammar(cls, value: str) -> str:
+        problem = None if value == "*" else scope_problem(value)
+        if problem:
+            raise ValueError(f"{problem} (or * for every scope of the rule)")
+        return value
+
+    @field_validator("reason", "by")
+    @classmethod
+    def _not_blank(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("must not be blank: a waiver says who accepted the risk and why")
+        return value
 
 
 class AuditConfig(_Strict):
@@ -161,6 +189,8 @@ def read_config_file(path: Path) -> dict[str, Any]:
         mark = getattr(exc, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark is not None else ""
         raise InputError(f"{path}:{where} not valid YAML ({getattr(exc, 'problem', exc)})") from None
+    except (ValueError, IndexError, TypeError, RecursionError) as exc:  # PyYAML's own crashes on e.g. `2001-13-01`, a bare `!!float`
+        raise InputError(f"{path}: not valid YAML ({first_line(exc)})") from None
     if raw is None:
         return {}
     if not isinstance(raw, dict):

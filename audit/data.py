@@ -115,10 +115,7 @@ def read_input(path: Path, max_pixels: int = MAX_IMAGE_PIXELS) -> np.ndarray:
 
 def _check_array_header(path: Path, max_pixels: int) -> None:
     """Refuse an empty or over-large .npy from its header, before its data is read."""
-    with open(path, "rb") as fh:
-        version = np.lib.format.read_magic(fh)
-        reader = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
-        shape, _, dtype = reader(fh)
+    shape = _npy_shape(path)
     if not shape or 0 in shape:
         raise SampleError(f"array is empty (shape {tuple(shape)})")
     if len(shape) in (2, 3):
@@ -248,13 +245,17 @@ def iter_batches(
 def source_size(path: Path) -> tuple[int, int]:
     """A readable input's own H x W, from its header (the file was just decoded)."""
     if path.suffix.lower() == ".npy":
-        with open(path, "rb") as fh:
-            version = np.lib.format.read_magic(fh)
-            reader = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
-            shape = reader(fh)[0]
-        return _plane_shape(shape)
+        return _plane_shape(_npy_shape(path))
     with Image.open(path) as img:
         return img.size[1], img.size[0]
+
+
+def _npy_shape(path: Path) -> tuple[int, ...]:
+    """The shape a .npy header declares, without reading its data."""
+    with open(path, "rb") as fh:
+        version = np.lib.format.read_magic(fh)
+        reader = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        return tuple(reader(fh)[0])
 
 
 def _plane_shape(shape: Sequence[int]) -> tuple[int, int]:

@@ -2,11 +2,14 @@
 
 Schema problems (a missing column, a duplicate id, an unknown label) stop the run with one line
 naming the file, row and column. Problems with one sample's file (missing, refused) skip that row;
-the skipped rows are listed in the report so nothing disappears silently.
+the skipped rows are listed in the report so nothing disappears silently. A sample or mask path is
+refused when where it really leads (every symlink followed) is outside the manifest folder and every
+--data-root (those resolved too): a symlink inside the folder cannot bring in a file from elsewhere.
 """
 
 from __future__ import annotations
 
+import csv
 import hashlib
 import json
 import math
@@ -115,31 +118,60 @@ def read_table(path: Path) -> pd.DataFrame:
     if not path.is_file():
         raise InputError(f"{path}: manifest not found")
     try:
-        if kind == "csv":
-            frame = pd.read_csv(path, dtype=str, keep_default_na=False, skipinitialspace=True)
-            frame = frame.replace({"": None})
-        elif kind == "jsonl":
-            records = []
-            with open(path, encoding="utf-8") as fh:
-                for number, line in enumerate(fh, start=1):
-                    if not line.strip():
-                        continue
-                    try:
-                        record = json.loads(line)
-                    except json.JSONDecodeError as exc:
-                        raise InputError(f"{path} row {number}: not valid JSON ({exc.msg})") from None
-                    if not isinstance(record, dict):
-                        raise InputError(f"{path} row {number}: each line must be a JSON object")
-                    records.append(record)
-            frame = pd.DataFrame.from_records(records)
-        else:
-            frame = pd.read_parquet(path)
+        frame = _read(path, kind)
     except InputError:
         raise
-    except (UnicodeDecodeError, pd.errors.ParserError, pd.errors.EmptyDataError, OSError, ValueError) as exc:
-        raise InputError(f"{path}: cannot read manifest ({type(exc).__name__}: {str(exc).splitlines()[0]})") from None
-    frame.columns = [str(c).strip() for c in frame.columns]
+    except _reader_errors(kind) as exc:
+        text = str(exc).strip()
+        why = f"{type(exc).__name__}: {text.splitlines()[0]}" if text else type(exc).__name__
+        raise InputError(f"{path}: cannot read manifest ({_printable(why)})") from None
+    frame.columns = [_printable(str(c).strip()) for c in frame.columns]
+    duplicates = sorted({c for c in frame.columns if list(frame.columns).count(c) > 1})
+    if duplicates:
+        raise InputError(f"{path}: column {duplicates[0]!r} appears more than once")
     return frame.astype(object).where(frame.notna(), None)
+
+
+def _reader_errors(kind: str) -> tuple[type[BaseException], ...]:
+    """What reading a damaged manifest raises: the parsers' errors, and for Parquet pyarrow's own."""
+    errors: tuple[type[BaseException], ...] = (UnicodeDecodeError, pd.errors.ParserError, pd.errors.EmptyDataError, csv.Error,
+                                               OSError, ValueError, TypeError, OverflowError, RecursionError, MemoryError)
+    if kind == "parquet":
+        try:
+            import pyarrow
+
+            errors += (pyarrow.ArrowException, NotImplementedError, KeyError, IndexError)
+        except ImportError:  # pragma: no cover - pandas then says it needs an engine (ImportError)
+            errors += (ImportError,)
+    return errors
+
+
+def _printable(text: str) -> str:
+    """One line: control characters written as escapes."""
+    return "".join(ch if ch.isprintable() else ascii(ch)[1:-1] for ch in text)
+
+
+def _read(path: Path, kind: str) -> pd.DataFrame:
+    if kind == "csv":
+        frame = pd.read_csv(path, dtype=str, keep_default_na=False, skipinitialspace=True)
+        return frame.replace({"": None})
+    if kind == "parquet":
+        return pd.read_parquet(path)
+    records = []
+    with open(path, encoding="utf-8") as fh:
+        for number, line in enumerate(fh, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise InputError(f"{path} row {number}: not valid JSON ({exc.msg})") from None
+            except RecursionError:
+                raise InputError(f"{path} row {number}: not valid JSON (nested too deeply)") from None
+            if not isinstance(record, dict):
+                raise InputError(f"{path} row {number}: each line must be a JSON object")
+            records.append(record)
+    return pd.DataFrame.from_records(records)
 
 
 def _is_missing(value: Any) -> bool:
@@ -170,14 +202,69 @@ def _parse_label(value: Any, classes: Sequence[str] | None, where: str) -> int:
     return index
 
 
+OUTSIDE = "outside the manifest folder and every --data-root"
+LINK_HINT = "a data set linked into the manifest folder needs its real folder as --data-root"
+NUL = "the path contains a NUL character"
+
+
 def _absolute(path: Path) -> Path:
-    """Absolute and normalised ('..' removed) without following symlinks: a data set linked into the
-    manifest folder is allowed, a path that climbs out of it with '..' is not."""
+    """Absolute and normalised ('..' removed) without following symlinks: the path a sample is read
+    from and its default id are the ones the manifest gives."""
     return Path(os.path.normpath(os.path.abspath(path)))
+
+
+def _real(path: Path) -> Path:
+    """Where the path really leads, every symlink followed (os.path.realpath)."""
+    return Path(os.path.realpath(path))
 
 
 def _inside(path: Path, roots: Sequence[Path]) -> bool:
     return any(path == root or root in path.parents for root in roots)
+
+
+def _expand(text: str) -> Path:
+    """`~` and `~user` expanded; a `~name` of no known user stays as written."""
+    try:
+        return Path(text).expanduser()
+    except RuntimeError:
+        return Path(text)
+
+
+def _is_file(path: Path) -> bool:
+    try:
+        return path.is_file()
+    except (OSError, ValueError):  # a name too long for the file system
+        return False
+
+
+@dataclass(frozen=True)
+class _Roots:
+    """The manifest folder and the --data-roots, as given (normalised) and as they really are."""
+
+    base: Path
+    given: list[Path]
+    real: list[Path]
+
+    @classmethod
+    def of(cls, manifest: Path, data_roots: Sequence[Path | str]) -> _Roots:
+        base = _absolute(manifest).parent
+        given = [base] + [_absolute(_expand(str(r))) for r in data_roots]
+        return cls(base, given, [_real(r) for r in given])
+
+    def locate(self, text: str) -> tuple[Path, Path, str | None]:
+        """(the path as given, normalised; the path it leads to; why it is refused, or None). A path is
+        refused when what it really leads to is outside every root: a '..' that climbs out, an
+        absolute path elsewhere, or a symlink inside that points outside."""
+        if "\x00" in text:
+            return Path(text.replace("\x00", "")), Path(), NUL
+        given = _expand(text)
+        normal = _absolute(given if given.is_absolute() else self.base / given)
+        real = _real(normal)
+        if _inside(real, self.real):
+            return normal, real, None
+        if _inside(normal, self.given):
+            return normal, real, f"{OUTSIDE} (symlink to {real}; {LINK_HINT})"
+        return normal, real, OUTSIDE
 
 
 def load_manifest(
@@ -192,8 +279,8 @@ def load_manifest(
         raise InputError(f"{path}: required column 'path' is missing (columns: {', '.join(frame.columns) or 'none'})")
     if frame.empty:
         raise InputError(f"{path}: manifest has no rows")
-    base = _absolute(path).parent
-    roots = [base] + [_absolute(Path(r).expanduser()) for r in data_roots]
+    roots = _Roots.of(path, data_roots)
+    base = roots.base
     extra = [c for c in frame.columns if c not in KNOWN_COLUMNS]
 
     samples: list[Sample] = []
@@ -207,8 +294,9 @@ def load_manifest(
         raw_path = record["path"]
         if _is_missing(raw_path):
             raise InputError(f"{where('path')}: empty path")
-        given = Path(_text(raw_path)).expanduser()
-        resolved = _absolute(given if given.is_absolute() else base / given)
+        given_text = _text(raw_path)
+        given = _expand(given_text)
+        resolved, _, refused = roots.locate(given_text)
         sample_id = _text(record["id"]) if not _is_missing(record.get("id")) else _default_id(given, resolved, base)
         if sample_id in seen:
             raise InputError(f"{where('id')}: duplicate id {sample_id!r} (first used in row {seen[sample_id]})")
@@ -222,24 +310,24 @@ def load_manifest(
         domain = None if _is_missing(record.get("domain")) else _text(record["domain"])
         group = None if _is_missing(record.get("group")) else _text(record["group"])
 
-        if not _inside(resolved, roots):
-            skipped.append(SkippedRow(sample_id, str(given), "refused: path is outside the manifest folder and every --data-root"))
+        if refused:
+            skipped.append(SkippedRow(sample_id, str(given), f"refused: {refused if refused == NUL else 'path is ' + refused}"))
             continue
         if resolved.suffix.lower() not in IMAGE_SUFFIXES:
             skipped.append(SkippedRow(sample_id, str(given), f"unsupported file type {resolved.suffix or '(none)'!r}"))
             continue
-        if not resolved.is_file():
+        if not _is_file(resolved):
             skipped.append(SkippedRow(sample_id, str(given), "file not found"))
             continue
 
         mask = None
         if not _is_missing(record.get("mask")):
-            given_mask = Path(_text(record["mask"])).expanduser()
-            mask_path = _absolute(given_mask if given_mask.is_absolute() else base / given_mask)
-            if not _inside(mask_path, roots):
-                warnings.append(SkippedRow(sample_id, str(given_mask), "mask refused: outside the manifest folder and every --data-root; sample kept without mask"))
-            elif not mask_path.is_file():
-                warnings.append(SkippedRow(sample_id, str(given_mask), "mask file not found; sample kept without mask"))
+            mask_text = _text(record["mask"])
+            mask_path, _, mask_refused = roots.locate(mask_text)
+            if mask_refused:
+                warnings.append(SkippedRow(sample_id, str(_expand(mask_text)), f"mask refused: {mask_refused}; sample kept without mask"))
+            elif not _is_file(mask_path):
+                warnings.append(SkippedRow(sample_id, str(_expand(mask_text)), "mask file not found; sample kept without mask"))
             else:
                 mask = mask_path
         samples.append(Sample(sample_id, resolved, row_number, label, mask, domain, group, meta))

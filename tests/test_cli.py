@@ -132,7 +132,8 @@ def test_script_in_class_name_is_escaped(run_factory, dataset, tmp_path) -> None
         assert "img/" in line
     (tmp_path / "img").symlink_to(dataset.root / "img")
     (tmp_path / "mask.png").symlink_to(dataset.root / "mask.png")
-    run = run_factory(["--model", str(dataset.onnx)], ["--classes", str(hostile), "--manifest", str(manifest)])
+    run = run_factory(["--model", str(dataset.onnx)], ["--classes", str(hostile), "--manifest", str(manifest),
+                                                        "--data-root", str(dataset.root)])  # the links' real folder
     html = (run.out / "report.html").read_text()
     assert "<script>alert(1)</script>" not in html
     assert "&lt;script&gt;alert(1)&lt;/script&gt;" in html

@@ -107,11 +107,65 @@ def test_missing_and_refused_rows_are_skipped_not_fatal(folder: Path, tmp_path_f
     assert [s.id for s in allowed.samples] == ["ok", "climb", "abs"]
 
 
-def test_symlinked_data_inside_the_folder_is_allowed(folder: Path, tmp_path_factory: pytest.TempPathFactory) -> None:
+def test_a_data_set_linked_into_the_folder_needs_its_real_folder_as_data_root(folder: Path, tmp_path_factory: pytest.TempPathFactory) -> None:
     real = tmp_path_factory.mktemp("real")
     Image.fromarray(np.zeros((4, 4, 3), np.uint8)).save(real / "e.png")
     (folder / "linked").symlink_to(real)
-    assert [s.id for s in load_manifest(write(folder, "path\nlinked/e.png\n")).samples] == ["linked/e.png"]
+    manifest = load_manifest(write(folder, "path\nlinked/e.png\n"))
+    assert manifest.samples == [] and manifest.rows == 1
+    (row,) = manifest.skipped
+    assert (row.id, row.path) == ("linked/e.png", "linked/e.png")
+    assert row.reason == (f"refused: path is outside the manifest folder and every --data-root (symlink to {real.resolve() / 'e.png'}; "
+                          "a data set linked into the manifest folder needs its real folder as --data-root)")
+    (sample,) = load_manifest(folder / "m.csv", data_roots=[real]).samples
+    assert sample.id == "linked/e.png" and sample.path == folder / "linked" / "e.png"  # read through the link, as given
+
+
+def test_a_symlink_inside_pointing_outside_is_refused(folder: Path, tmp_path_factory: pytest.TempPathFactory) -> None:
+    outside = tmp_path_factory.mktemp("outside")
+    Image.fromarray(np.zeros((4, 4, 3), np.uint8)).save(outside / "secret.png")
+    (folder / "img").mkdir()
+    (folder / "img" / "link.png").symlink_to(outside / "secret.png")
+    (folder / "img" / "up").symlink_to(outside)
+    manifest = load_manifest(write(folder, "id,path\nok,a.png\nlink,img/link.png\nvia-dir,img/up/secret.png\n"))
+    assert [s.id for s in manifest.samples] == ["ok"]
+    reasons = {s.id: s.reason for s in manifest.skipped}
+    for sample_id in ("link", "via-dir"):
+        assert reasons[sample_id].startswith("refused: path is outside the manifest folder and every --data-root (symlink to ")
+        assert str(outside.resolve() / "secret.png") in reasons[sample_id]
+    assert [s.id for s in load_manifest(folder / "m.csv", data_roots=[outside]).samples] == ["ok", "link", "via-dir"]
+
+
+def test_a_symlink_inside_pointing_inside_is_accepted(folder: Path) -> None:
+    (folder / "img").mkdir()
+    (folder / "img" / "alias.png").symlink_to(folder / "a.png")
+    (folder / "img" / "relative.png").symlink_to(Path("..") / "b.png")
+    (folder / "same").symlink_to(folder)
+    manifest = load_manifest(write(folder, "path\nimg/alias.png\nimg/relative.png\nsame/c.png\n"))
+    assert [s.id for s in manifest.samples] == ["img/alias.png", "img/relative.png", "same/c.png"] and not manifest.skipped
+
+
+def test_a_folder_reached_through_a_symlinked_data_root_or_manifest_folder_is_inside(folder: Path, tmp_path_factory: pytest.TempPathFactory) -> None:
+    elsewhere = tmp_path_factory.mktemp("links")
+    (elsewhere / "data").symlink_to(folder)
+    manifest = load_manifest(write(folder, "path\na.png\n"))
+    via_link = load_manifest(elsewhere / "data" / "m.csv")  # the manifest folder itself is a link: its real folder counts
+    assert [s.id for s in manifest.samples] == [s.id for s in via_link.samples] == ["a.png"]
+    rooted = load_manifest(write(tmp_path_factory.mktemp("m"), f"path\n{elsewhere / 'data' / 'b.png'}\n"), data_roots=[elsewhere / "data"])
+    assert len(rooted.samples) == 1
+
+
+def test_a_mask_symlink_pointing_outside_keeps_the_sample_without_mask(folder: Path, tmp_path_factory: pytest.TempPathFactory) -> None:
+    outside = tmp_path_factory.mktemp("masks")
+    Image.fromarray(np.zeros((4, 4), np.uint8)).save(outside / "m.png")
+    (folder / "mask-link.png").symlink_to(outside / "m.png")
+    manifest = load_manifest(write(folder, "path,mask\na.png,mask-link.png\nb.png,c.png\n"))
+    assert [(s.id, s.mask) for s in manifest.samples] == [("a.png", None), ("b.png", folder / "c.png")]
+    (warning,) = manifest.warnings
+    assert (warning.id, warning.path) == ("a.png", "mask-link.png")
+    assert warning.reason.startswith("mask refused: outside the manifest folder and every --data-root (symlink to ")
+    assert warning.reason.endswith("; sample kept without mask")
+    assert load_manifest(folder / "m.csv", data_roots=[outside]).samples[0].mask == folder / "mask-link.png"
 
 
 def test_missing_mask_keeps_the_sample_with_a_warning(folder: Path) -> None:
@@ -132,3 +186,25 @@ def test_stratified_subset_keeps_proportions_and_is_seeded() -> None:
     assert subset == stratified_subset(samples, 20, seed=3)
     assert subset != stratified_subset(samples, 20, seed=4)
     assert stratified_subset(samples, 500, seed=0) == samples
+
+
+def test_odd_paths_are_skipped_rows_not_crashes(folder: Path) -> None:
+    long_name = "x" * 300 + ".png"  # longer than a file name may be: the OS refuses it
+    text = f"id,path,mask\nuser,~no-such-user-here/a.png,\nlong,{long_name},\nnul,a\x00.png,\nmask,a.png,{'y' * 300}.png\n"
+    manifest = load_manifest(write(folder, text))
+    reasons = {s.id: s.reason for s in manifest.skipped}
+    assert reasons == {"user": "file not found", "long": "file not found", "nul": "refused: the path contains a NUL character"}
+    assert [s.id for s in manifest.samples] == ["mask"] and "mask file not found" in manifest.warnings[0].reason
+
+
+def test_unreadable_tables_are_input_errors(folder: Path) -> None:
+    with pytest.raises(InputError, match=r"m\.csv: column 'path' appears more than once"):
+        load_manifest(write(folder, "path,path \na.png,b.png\n"))
+    with pytest.raises(InputError, match=r"m\.jsonl row 2: not valid JSON \(nested too deeply\)"):
+        load_manifest(write(folder, '{"path": "a.png"}\n' + "[" * 100_000 + "\n", "m.jsonl"))
+    (folder / "m.parquet").write_bytes(b"PAR1 not parquet PAR1")
+    with pytest.raises(InputError, match=r"m\.parquet: cannot read manifest \(") as exc:
+        load_manifest(folder / "m.parquet")
+    assert "\n" not in str(exc.value)
+    with pytest.raises(InputError, match=r"required column 'path' is missing \(columns: \\x00path\)"):
+        load_manifest(write(folder, "\x00path\na.png\n"))

@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 
 from audit.config import Waiver
-from audit.errors import RuleError
+from audit.errors import InputError, RuleError
 from audit.findings import (
     STATUS_ORDER,
     Finding,
@@ -149,8 +149,10 @@ def test_waivers_apply_until_they_expire() -> None:
     waiver = Waiver(rule="acc", scope="global", reason="known, retraining", by="J. Doe", expires="2030-01-01")
     (finding,) = RuleEngine(metrics, lambda _: None, OK).evaluate([rule()], [waiver], today=dt.date(2029, 12, 31))
     assert finding.status == "waived" and finding.waived_status == "fail" and finding.waiver["by"] == "J. Doe"
-    (finding,) = RuleEngine(metrics, lambda _: None, OK).evaluate([rule()], [waiver], today=dt.date(2030, 1, 2))
+    finding, expired = RuleEngine(metrics, lambda _: None, OK).evaluate([rule()], [waiver], today=dt.date(2030, 1, 2))
     assert finding.status == "fail"
+    assert (expired.status, expired.rule, expired.scope) == ("info", "acc", "global")
+    assert expired.message.startswith("waiver expired on 2030-01-01 and no longer applies (waivers.0, by J. Doe: ")
 
 
 def test_messages_survive_missing_values() -> None:
@@ -181,7 +183,7 @@ def test_malformed_rules_name_file_and_key(change: dict[str, Any], words: str) -
 def test_missing_key_and_yaml_errors(tmp_path: Path) -> None:
     path = tmp_path / "r.yaml"
     path.write_text("schema: model-audit/rule/v1\nid: x\n")
-    with pytest.raises(RuleError, match=r"r\.yaml: missing key 'title'"):
+    with pytest.raises(RuleError, match=r"r\.yaml: rule 'x': missing key 'title'"):
         load_rule_file(path)
     path.write_text("schema: [unclosed\n")
     with pytest.raises(RuleError, match=r"r\.yaml: line 2 not valid YAML"):
@@ -326,7 +328,7 @@ def test_info_thresholds_note_a_value() -> None:
 
 def test_evidence_limit_up_to_a_thousand() -> None:
     assert rule(evidence={"column": "predictions.error_confidence", "limit": 1000}).evidence.limit == 1000
-    with pytest.raises(RuleError, match=r"^test\.yaml: key 'evidence\.limit': .*1000"):
+    with pytest.raises(RuleError, match=r"^test\.yaml: rule 'acc': key 'evidence\.limit': .*1000"):
         rule(evidence={"column": "predictions.error_confidence", "limit": 1001})
     ids = [f"s{i:04d}" for i in range(1200)]
     table = pd.DataFrame({"id": ids, "class": "wolf", "domain": "sim", "error_confidence": [i / 1200 for i in range(1200)]})
@@ -495,3 +497,237 @@ def test_rule_listings_show_the_new_keys(capsys: pytest.CaptureFixture[str], tmp
                     "message: m\nremedy: r\n")
     assert main(["rules", "list", "--rules", str(path)]) == 0
     assert "metric predictions.recall per class, domain/class, min_support 1: info, never judged" in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------- rule files checked in full before any compute
+
+
+@pytest.mark.parametrize(
+    ("value", "words"),
+    [(float("nan"), "must be a finite number, not nan"), (float("inf"), "must be a finite number, not inf"),
+     ("-inf", "must be a finite number, not -inf"), ("1e999", "must be a finite number, not inf"), (10**400, "too large"),
+     (True, "must be a number, not true"), ("high", "must be a number, not 'high'"), ([0.1, float("nan")], "not nan")],
+)
+def test_threshold_values_must_be_finite_numbers(value: Any, words: str) -> None:
+    op = "between" if isinstance(value, list) else "lt"
+    with pytest.raises(RuleError) as exc:
+        rule(thresholds=[{"op": op, "value": value, "status": "fail", "severity": "high"}])
+    assert str(exc.value).startswith("test.yaml: rule 'acc': key 'thresholds.0.value': ") and words in str(exc.value)
+    with pytest.raises(RuleError, match=r"key 'thresholds\.0': .*low <= high"):
+        rule(thresholds=[{"op": "between", "value": [0.9, 0.1], "status": "fail", "severity": "high"}])
+
+
+def test_a_nan_threshold_in_a_rule_file_or_a_config_override_is_refused_at_load(tmp_path: Path) -> None:
+    from audit.config import build_config
+
+    path = tmp_path / "nan.yaml"
+    path.write_text("schema: model-audit/rule/v1\nid: nan-floor\ntitle: T\nmetric: predictions.accuracy\n"
+                    "thresholds: [{op: lt, value: .nan, status: fail, severity: high}]\nmessage: m\nremedy: r\n")
+    with pytest.raises(RuleError, match=rf"^{path}: rule 'nan-floor': key 'thresholds\.0\.value': must be a finite number, not nan$"):
+        load_rule_file(path)
+    with pytest.raises(RuleError, match=r"^config key 'rules\.accuracy-floor\.thresholds\.0\.value': must be a finite number, not inf$"):
+        load_catalogue([], {"accuracy-floor": {"thresholds": [{"op": "lt", "value": float("inf"), "status": "fail", "severity": "high"}]}})
+    for override, words in (({"thresholds": []}, "thresholds': list at least one threshold"), ({"min_support": -1}, "min_support'"),
+                            ({"treshold": 1}, "treshold': unknown key"), ("off", "must be a mapping")):
+        with pytest.raises(RuleError, match=r"^config key 'rules\.accuracy-floor") as exc:
+            load_catalogue([], {"accuracy-floor": override})
+        assert words in str(exc.value)
+    with pytest.raises(RuleError, match=r"closest: accuracy-floor"):
+        load_catalogue([], {"acuracy-floor": {"enabled": False}})
+    with pytest.raises(InputError, match=r"key 'rules\.accuracy-floor\.thresholds\.0\.value': .*must be a finite number, not nan"):
+        build_config({"model": "m.onnx", "manifest": "m.csv",
+                      "rules": {"accuracy-floor": {"thresholds": [{"op": "lt", "value": float("nan"), "status": "fail", "severity": "high"}]}}}, {})
+
+
+def test_an_override_is_validated_with_the_rule_it_changes() -> None:
+    changed = {r.id: r for r in load_catalogue([], {"accuracy-floor": {"min_support": 3}})}["accuracy-floor"]
+    assert changed.min_support == 3 and changed.source.endswith("accuracy-floor.yaml (overridden in the config)")
+    with pytest.raises(RuleError, match=r"background-reliance\.yaml \(overridden in the config\): rule 'background-reliance': "
+                                        r"key 'thresholds': a bound is judged on a metric's interval"):
+        load_catalogue([], {"background-reliance": {"thresholds": [{"op": "gt", "value": 1, "bound": "lo", "status": "fail", "severity": "high"}]}})
+
+
+@pytest.mark.parametrize(
+    ("message", "words"),
+    [
+        ("{n:>99999999}", "width 99999999 is over the limit of 50"),
+        ("{value:.99f}", "precision 99 is over the limit of 50"),
+        ("{value:0099999}", "width 99999 is over the limit of 50"),
+        ("{n:>" + "9" * 5000 + "}", "width of 5000 digits is over the limit of 50"),
+        ("{value.__class__}", "placeholder {value.__class__} reads an attribute or an index"),
+        ("{value[0]}", "placeholder {value[0]} reads an attribute or an index"),
+        ("{rule.__class__.__init__.__globals__}", "reads an attribute"),
+        ("{value!r}", "conversions (!r, !s, !a) are not supported"),
+        ("{value:{n}}", "a format spec cannot hold another placeholder"),
+        ("{value:>{n}}", "a format spec cannot hold another placeholder"),
+        ("{}", "positional placeholder {}"),
+        ("{0}", "positional placeholder {0}"),
+        ("{value:c}", "not a simple format spec"),
+        ("{value:x<8x}", "not a simple format spec"),
+        ("{value:\n>8}", "not a simple format spec"),
+        ("{colour}", "unknown placeholder {colour}"),
+        ("{col\nour}", "unknown placeholder {col\\nour}"),
+        ("{value", "not a valid template"),
+        ("value}", "not a valid template"),
+    ],
+)
+def test_templates_are_refused_beyond_known_fields_and_simple_specs(message: str, words: str) -> None:
+    for key in ("message", "pass_message", "remedy"):
+        with pytest.raises(RuleError) as exc:
+            rule(**{key: message})
+        text = str(exc.value)
+        assert text.startswith(f"test.yaml: rule 'acc': key '{key}': ") and words in text and "\n" not in text, text
+
+
+@pytest.mark.parametrize("message", ["{value:.1%}", "{value:.3f}", "{n:d}", "{n:,}", "{n:_}", "{scope:>8}", "{value:+.0%}",
+                                     "{class:*^20}", "{value:08.3f}", "{value:#.3g}", "{value: .2e}", "{n:=+10,d}", "{scope:s}",
+                                     "{{literal}} {value}", "{value:z.1f}", "{value:>50.50f}"])
+def test_simple_format_specs_are_accepted_and_rendered(message: str) -> None:
+    spec = rule(message=message, thresholds=[{"op": "lt", "value": 0.9, "status": "fail", "severity": "high"}])
+    (finding,) = RuleEngine({"predictions.accuracy": 0.5, "predictions.accuracy:n": 1234}, lambda _: None, OK).evaluate([spec])
+    assert finding.status == "fail" and len(finding.message) < 200
+    assert finding.message == render_message(message, value=0.5, n=1234, scope="global", **{"class": None})
+
+
+def test_rule_file_errors_name_the_file_the_rule_and_the_key(tmp_path: Path) -> None:
+    path = tmp_path / "two.yaml"
+    path.write_text("- {schema: model-audit/rule/v1, id: good, title: A, metric: predictions.accuracy, message: m, remedy: r}\n"
+                    "- {schema: model-audit/rule/v1, id: wide, title: B, metric: predictions.accuracy, message: '{n:>999}', remedy: r}\n")
+    with pytest.raises(RuleError, match=rf"^{path}: rule 'wide': key 'message': placeholder {{n:>999}}: width 999 is over the limit of 50$"):
+        load_rule_file(path)
+    with pytest.raises(RuleError, match=rf"^{path}: rule 'wide': key 'message'"):
+        load_catalogue([path])
+    path.write_text("- {schema: model-audit/rule/v1, id: good, title: A, metric: predictions.accuracy, message: m, remedy: r}\n"
+                    "- {schema: model-audit/rule/v1, title: B, metric: predictions.accuracy, message: m, remedy: r}\n- 3\n")
+    with pytest.raises(RuleError, match=rf"^{path}: rule #2: missing key 'id'$"):
+        load_rule_file(path)
+    path.write_text("- {schema: model-audit/rule/v1, id: same, title: A, metric: predictions.accuracy, message: m, remedy: r}\n"
+                    "- {schema: model-audit/rule/v1, id: same, title: B, metric: predictions.accuracy, message: m, remedy: r}\n")
+    with pytest.raises(RuleError, match=r"rule 'same': key 'id': rule #2 has the same id as rule #1"):
+        load_rule_file(path)
+    for text, words in (("a: 2001-13-01\n", "not valid YAML (month must be in 1..12)"), ("[" * 5000, "not valid YAML"),
+                        ("- 3\n", "a rule file must be a YAML mapping")):
+        path.write_text(text)
+        with pytest.raises(RuleError, match=rf"^{path}: ") as exc:
+            load_rule_file(path)
+        assert words in str(exc.value)
+    path.write_bytes(b"\xff\xfe\x00bad")
+    with pytest.raises(RuleError, match=r"rule file is not UTF-8 text"):
+        load_rule_file(path)
+    with pytest.raises(RuleError, match=r"cannot read the rule file"):
+        load_rule_file(tmp_path)
+
+
+def test_rules_check_cli_refuses_a_huge_width(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    import audit.cli
+
+    path = tmp_path / "wide.yaml"
+    path.write_text("schema: model-audit/rule/v1\nid: wide\ntitle: W\nmetric: predictions.accuracy\nmessage: '{n:>99999999}'\nremedy: r\n")
+    monkeypatch.setattr(audit.cli, "declared_metrics", lambda: DECLARED)
+    assert audit.cli.main(["rules", "check", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"{path}: rule 'wide': key 'message': placeholder {{n:>99999999}}: width 99999999" in err
+
+
+def test_the_formatter_holds_to_the_limits_for_unchecked_text() -> None:
+    assert render_message("{n:>99999999}", n=3) == render_message("{n:>" + "9" * 5000 + "}", n=3) == "3"
+    assert render_message("{value:{n}}", value=0.5, n=99999) == "0.5"  # a nested width is held to the limit too
+    assert render_message("{value.__class__}|{value[0]}|{value!r}", value="x") == "n/a|n/a|x"
+    assert render_message("{n:c}", n=10**7) == str(10**7)
+
+
+# ---------------------------------------------------------------- waivers
+
+
+def _waiver(**change: Any) -> Waiver:
+    return Waiver(**{"rule": "class-recall-floor", "scope": "class:fox", "reason": "rare class", "by": "J. Doe", **change})
+
+
+def test_check_waivers_refuses_unknown_rules_and_impossible_scopes() -> None:
+    from audit.errors import InputError
+    from audit.rules.catalogue import check_waivers
+
+    rules = load_catalogue([], {"calibration-error": {"enabled": False}})
+    check_waivers([_waiver(), _waiver(scope="*"), _waiver(rule="domain-accuracy-gap", scope="domain:data")], rules,
+                  classes=["fox", "wolf"], domains=["data", "sim"])
+    check_waivers([_waiver(scope="class:anything")], rules)  # classes unknown yet: only the kind is checked
+    cases = [
+        (_waiver(rule="class-recal-floor"), None, None, "config key 'waivers.1.rule': no rule 'class-recal-floor' (closest: class-recall-floor"),
+        (_waiver(rule="calibration-error", scope="global"), None, None, "config key 'waivers.1.rule': rule 'calibration-error' is switched off"),
+        (_waiver(scope="domain:data"), None, None,
+         "config key 'waivers.1.scope': rule 'class-recall-floor' is judged per class, so it has no finding at scope 'domain:data'"),
+        (_waiver(rule="accuracy-floor"), None, None, "is judged per global, so it has no finding at scope 'class:fox'"),
+        (_waiver(scope="class:foxx"), ["fox", "wolf"], None, "config key 'waivers.1.scope': 'foxx' is not one of the run's classes (closest: fox; classes: fox, wolf)"),
+        (_waiver(rule="domain-accuracy-gap", scope="domain:lab"), ["fox"], ["data", "sim"], "'lab' is not a domain of the manifest (domains: data, sim)"),
+        (_waiver(rule="domain-accuracy-gap", scope="domain:lab"), None, [], "the manifest has no domain column"),
+    ]
+    for waiver, classes, domains, words in cases:
+        with pytest.raises(InputError) as exc:
+            check_waivers([_waiver(), waiver], rules, {"calibration-error": {"enabled": False}}, classes, domains)
+        assert words in str(exc.value) and "\n" not in str(exc.value), str(exc.value)
+    informs = rule(id="note", thresholds=None)
+    with pytest.raises(InputError, match="rule 'note' only informs"):
+        check_waivers([_waiver(rule="note", scope="global")], [informs])
+
+
+def test_waiver_scopes_are_checked_when_the_config_is_read() -> None:
+    from pydantic import ValidationError
+
+    for scope, words in (("class:n/a", "is not a scope"), ("class:x/domain:y", "write 'domain:y/class:x'"), ("colour:red", "is not a scope"),
+                         ("class:", "names no class")):
+        with pytest.raises(ValidationError, match=words):
+            _waiver(scope=scope)
+    for change in ({"rule": "Accuracy Floor"}, {"reason": " "}, {"by": ""}):
+        with pytest.raises(ValidationError):
+            _waiver(**change)
+    assert _waiver(scope="class:n%2Fa").scope == "class:n%2Fa"
+
+
+def test_waivers_that_waive_nothing_are_reported_as_info_findings() -> None:
+    spec = rule(metric="predictions.recall", aggregate={"per": "class"}, id="recall")
+    waivers = [Waiver(rule="recall", scope="class:wolf", reason="known", by="A"),       # waives the failing wolf
+               Waiver(rule="recall", scope="class:husky", reason="old", by="B"),       # husky passes: nothing to waive
+               Waiver(rule="recall", scope="class:wolfe", reason="typo", by="C"),      # no such scope
+               Waiver(rule="recall", scope="*", reason="all", by="D", expires="2020-01-01"),  # expired
+               Waiver(rule="gone", scope="global", reason="renamed", by="E")]          # a rule not evaluated
+    findings = RuleEngine(RECALLS, lambda _: None, OK).evaluate([spec], waivers, today=dt.date(2025, 1, 1))
+    judged = {f.scope: f.status for f in findings if not f.message.startswith("waiver ")}
+    assert judged == {"class:husky": "pass", "class:wolf": "waived"}
+    notes = [f for f in findings if f.message.startswith("waiver ")]
+    assert [(f.rule, f.scope, f.status, f.severity) for f in notes] == [
+        ("recall", "class:husky", "info", "info"), ("recall", "class:wolfe", "info", "info"),
+        ("recall", "per class", "info", "info"), ("gone", "global", "info", "info")]
+    assert notes[0].message == "waiver waived nothing: the finding it names is pass, not warn or fail (waivers.1, by B: old)"
+    assert notes[1].message == ("waiver matched no finding: rule 'recall' has no finding at scope 'class:wolfe' "
+                                "(its scopes: class:husky, class:wolf) (waivers.2, by C: typo)")
+    assert notes[2].message.startswith("waiver expired on 2020-01-01 and no longer applies (waivers.3")
+    assert "the rule was not evaluated in this run" in notes[3].message and notes[3].title == "waiver of gone"
+    assert notes[0].title == spec.title and notes[0].metric == "predictions.recall" and notes[0].remedy.startswith("Remove the waiver")
+    assert verdict([f.model_dump(mode="json") for f in findings]) == "PASS"  # info never changes the verdict
+    assert exit_code(findings, "info") == 0
+    for f in notes:  # what results.json stores for them satisfies the finding schema
+        _check_finding_schema(f.model_dump(mode="json"))
+
+
+def _check_finding_schema(data: dict[str, Any]) -> None:
+    import json
+
+    jsonschema = pytest.importorskip("jsonschema")
+    schema = json.loads((Path(__file__).parents[1] / "docs" / "results.schema.json").read_text())
+    jsonschema.validate(data, {**schema["$defs"]["finding"], "$defs": schema["$defs"]})
+
+
+def test_every_rule_gives_at_least_one_finding(monkeypatch: pytest.MonkeyPatch) -> None:
+    engine = RuleEngine({}, lambda _: None, OK)
+    monkeypatch.setattr(engine, "evaluate_rule", lambda spec: [])
+    (finding,) = engine.evaluate([rule()])
+    assert (finding.rule, finding.status, finding.message) == ("acc", "skipped", "this rule produced no finding in this run")
+
+
+def test_a_metric_that_is_not_a_number_is_an_error_not_a_pass() -> None:
+    """A gate must not switch itself off: NaN compares false against every limit, so it would pass."""
+    metrics = {"predictions.accuracy": float("nan"), "predictions.accuracy:n": 50.0}
+    (finding,) = RuleEngine(metrics, lambda _: None, OK).evaluate([rule()])
+    assert (finding.status, finding.severity, finding.value) == ("error", "high", None)
+    assert finding.message == "global: predictions.accuracy is not a finite number in this run, so this rule cannot judge it " \
+                              "(a gate must not pass on a value it cannot read)"

@@ -9,6 +9,7 @@ skipped, never passed or failed; a rule without thresholds reports `info` for ev
 from __future__ import annotations
 
 import datetime as dt
+import math
 import string
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
@@ -17,10 +18,10 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from audit.findings import JUDGED, Finding, Severity, Status
+from audit.findings import JUDGED, SEVERITY_RANK, Finding, Severity, Status
 from audit.metrics.names import display_scope, parse_key, parse_scope, scope, scope_kind
 from audit.rules.ops import STATISTICS, SYMBOLS, compare, worse_direction
-from audit.rules.schema import BOUND_TEXT, RuleSpec, Threshold
+from audit.rules.schema import BOUND_TEXT, RuleSpec, Threshold, printable, scope_problem, simple_spec
 
 __all__ = ["Finding", "MetricIndex", "ProbeState", "RuleEngine", "ScopedValue", "apply_waivers", "render_message", "threshold_text"]
 
@@ -72,19 +73,28 @@ class MetricIndex:
 
 
 class _SafeFormatter(string.Formatter):
-    """Message templates survive a missing value or threshold: they print 'n/a' instead of failing."""
+    """Message templates survive a missing value or threshold: they print 'n/a' instead of failing.
 
-    def get_value(self, key: Any, args: Any, kwargs: dict[str, Any]) -> Any:
-        return kwargs.get(key) if isinstance(key, str) else super().get_value(key, args, kwargs)
+    Templates are checked when their rule is loaded (schema.check_template); this formatter holds to
+    the same limits for any other text: a field is looked up by its whole name (no attribute or index
+    access), and a format spec beyond the simple ones prints the value plainly."""
+
+    def get_field(self, field_name: str, args: Any, kwargs: dict[str, Any]) -> tuple[Any, str]:
+        return kwargs.get(field_name), field_name
+
+    def convert_field(self, value: Any, conversion: str | None) -> Any:
+        return value
 
     def format_field(self, value: Any, format_spec: str) -> str:
         if value is None:
             return "n/a"
         if isinstance(value, list):
             return "[" + ", ".join(self.format_field(v, format_spec) for v in value) + "]"
+        if not simple_spec(format_spec):
+            return str(value)
         try:
             return format(value, format_spec)
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):
             return str(value)
 
 
@@ -113,10 +123,14 @@ class RuleEngine:
         self._table_cache: dict[str, pd.DataFrame | None] = {}
 
     def evaluate(self, rules: Iterable[RuleSpec], waivers: Iterable[Any] = (), today: dt.date | None = None) -> list[Finding]:
+        """Every rule's findings, waivers applied. Nothing is dropped silently: a rule gives at least
+        one finding, and a waiver that waived nothing comes back as an `info` finding saying why."""
+        rules = list(rules)
         findings: list[Finding] = []
         for rule in rules:
-            findings.extend(self.evaluate_rule(rule))
-        return apply_waivers(findings, waivers, today or dt.date.today())
+            found = self.evaluate_rule(rule)
+            findings.extend(found or [self._blank(rule, Status.SKIPPED, "this rule produced no finding in this run")])
+        return apply_waivers(findings, waivers, today or dt.date.today(), rules)
 
     def evaluate_rule(self, rule: RuleSpec) -> list[Finding]:
         probe = self.owners.get(rule.metric, rule.probe)  # a table column (`background_methods.x`) belongs to its probe
@@ -157,6 +171,12 @@ class RuleEngine:
             fields["status"] = Status.INFO
             return Finding(**base, status=Status.INFO, severity=Severity.INFO, message=render_message(rule.message, **fields),
                            evidence=self._evidence(rule, scope_text))
+        judged = [sv.value if t.bound is None else getattr(sv, t.bound) for t in rule.thresholds]
+        if any(isinstance(v, float) and not math.isfinite(v) for v in judged):
+            worst = max(rule.thresholds, key=lambda t: SEVERITY_RANK[t.severity])
+            return Finding(**{**base, "value": None}, status=Status.ERROR, severity=worst.severity,
+                           message=f"{display_scope(scope_text)}: {rule.metric} is not a finite number in this run, "
+                                   "so this rule cannot judge it (a gate must not pass on a value it cannot read)")
         hit: Threshold | None = None
         for threshold in rule.thresholds:
             if threshold.bound is not None and getattr(sv, threshold.bound) is None:
@@ -244,25 +264,73 @@ def _groups(table: pd.DataFrame, keys: list[str]) -> Iterable[tuple[str, pd.Data
         yield scope(**parts), frame
 
 
-def apply_waivers(findings: list[Finding], waivers: Iterable[Any], today: dt.date) -> list[Finding]:
-    """A matching, unexpired waiver marks a warn/fail finding `waived` and records who and why."""
-    active = []
-    for waiver in waivers:
-        expires = getattr(waiver, "expires", None)
-        if expires and dt.date.fromisoformat(str(expires)[:10]) < today:
-            continue
-        active.append(waiver)
+WAIVER_REMEDY = ("Remove the waiver, or correct its rule or scope: `model-audit rules list` names the rules, "
+                 "and results.json the scopes of their findings.")
+
+
+def _expiry(waiver: Any) -> dt.date | None:
+    expires = getattr(waiver, "expires", None)
+    return dt.date.fromisoformat(str(expires)[:10]) if expires else None
+
+
+def _expired(waiver: Any, today: dt.date) -> bool:
+    expiry = _expiry(waiver)
+    return expiry is not None and expiry < today
+
+
+def apply_waivers(findings: list[Finding], waivers: Iterable[Any], today: dt.date,
+                  rules: Iterable[RuleSpec] = ()) -> list[Finding]:
+    """A matching, unexpired waiver marks a warn/fail finding `waived` and records who and why.
+
+    A waiver that waives nothing (expired, naming no finding, or naming only findings that are not
+    warn or fail) is appended as an `info` finding of its rule at its scope, its message starting
+    `waiver ...` and naming it (`waivers.<index>`), so a typo or a stale waiver is seen. `rules`
+    (those evaluated) give such a finding its title and metric."""
+    indexed = list(enumerate(waivers))
+    active = [(i, w) for i, w in indexed if not _expired(w, today)]
+    used: set[int] = set()
     out = []
     for finding in findings:
-        match = next((w for w in active if w.rule == finding.rule and w.scope in (finding.scope, "*")), None)
-        if match is not None and finding.status in JUDGED:
+        matching = [(i, w) for i, w in active if w.rule == finding.rule and w.scope in (finding.scope, "*")]
+        if matching and finding.status in JUDGED:
+            used.update(i for i, _ in matching)
+            match = matching[0][1]
             finding = finding.model_copy(update={
                 "waived_status": finding.status,
                 "status": Status.WAIVED,
                 "waiver": {"by": match.by, "reason": match.reason, "expires": str(match.expires) if match.expires else None},
             })
         out.append(finding)
+    by_id = {rule.id: rule for rule in rules}
+    for i, waiver in indexed:
+        if i in used:
+            continue
+        named = [f for f in findings if f.rule == waiver.rule and waiver.scope in (f.scope, "*")]
+        if _expired(waiver, today):
+            why = f"waiver expired on {_expiry(waiver).isoformat()} and no longer applies"  # type: ignore[union-attr]
+        elif not named:
+            scopes = sorted({f.scope for f in findings if f.rule == waiver.rule})
+            why = (f"waiver matched no finding: rule {waiver.rule!r} has no finding at scope {printable(waiver.scope)!r}"
+                   + (f" (its scopes: {', '.join(scopes[:5])}{', ...' if len(scopes) > 5 else ''})" if scopes else
+                      " (the rule was not evaluated in this run)"))
+        else:
+            statuses = sorted({str(f.status) for f in named})
+            why = f"waiver waived nothing: the finding{'s' if len(named) > 1 else ''} it names {'are' if len(named) > 1 else 'is'} " \
+                  f"{' / '.join(statuses)}, not warn or fail"
+        out.append(_waiver_finding(i, waiver, why, by_id.get(waiver.rule)))
     return out
+
+
+def _waiver_finding(index: int, waiver: Any, why: str, rule: RuleSpec | None) -> Finding:
+    """The `info` finding that reports a waiver that waived nothing."""
+    kinds = rule.aggregate.kinds if rule is not None else ("global",)
+    scope_text = str(waiver.scope)
+    if scope_text == "*" or scope_problem(scope_text):  # the rule as a whole, as an unevaluated rule's finding names it
+        scope_text = "global" if kinds == ("global",) else "per " + ", ".join(kinds)
+    who = f"waivers.{index}, by {printable(waiver.by)}: {printable(waiver.reason)}"
+    return Finding(rule=str(waiver.rule), rule_version=rule.version if rule else 1,
+                   title=rule.title if rule else f"waiver of {printable(waiver.rule)}", status=Status.INFO, severity=Severity.INFO,
+                   scope=scope_text, metric=rule.metric if rule else "", message=f"{why} ({who})", remedy=WAIVER_REMEDY)
 
 
 def threshold_text(op: str | None, threshold: float | list[float] | None,

@@ -7,6 +7,7 @@ metric is refused when the rule is loaded instead of coming out `skipped` in eve
 from __future__ import annotations
 
 import difflib
+import math
 import re
 import string
 from collections.abc import Iterable
@@ -26,7 +27,7 @@ from pydantic import (
 
 from audit.errors import RuleError
 from audit.findings import JUDGED, SEVERITY_ORDER, Severity, Status
-from audit.metrics.names import SUFFIXES
+from audit.metrics.names import SUFFIXES, parse_scope, scope
 
 if TYPE_CHECKING:
     from audit.metrics.declarations import Declarations
@@ -41,6 +42,13 @@ Bound = Literal["lo", "hi"]
 BOUND_TEXT = {"lo": "lower bound", "hi": "upper bound"}
 MESSAGE_FIELDS = {"scope", "value", "threshold", "n", "class", "domain", "method", "layer", "pair", "metric", "rule", "status",
                   "min_support", "lo", "hi"}
+TEMPLATE_KEYS = ("message", "pass_message", "remedy")  # the texts the engine formats with a finding's fields
+MAX_FORMAT_WIDTH = 50  # widths and precisions in a placeholder's format spec; more only pads a report
+FORMAT_TYPES = "deEfFgGn%s"
+# [[fill]align][sign][z][#][0][width][grouping][.precision][type]: Python's format mini-language without nesting
+FORMAT_SPEC = re.compile(r"(?:(?P<fill>[^{}])?(?P<align>[<>=^]))?[-+ ]?z?#?0?(?P<width>[0-9]+)?[,_]?"
+                         r"(?:\.(?P<precision>[0-9]+))?(?P<type>[" + FORMAT_TYPES + r"])?")
+ID_PATTERN = r"^[a-z0-9][a-z0-9-]*$"
 METRIC_PATTERN = r"^[a-z_]+\.[a-z0-9_.]+$"
 VALUE_PATTERN = r"^[a-z_]+\.[a-z0-9_.]+(:(" + "|".join(SUFFIXES) + r"))?$"
 
@@ -51,6 +59,99 @@ class _Strict(BaseModel):
 
 def _listing(items: Iterable[str]) -> str:
     return ", ".join(str(i) for i in items)
+
+
+def printable(text: str) -> str:
+    """`text` on one line: control characters written as escapes, so an error message stays one line."""
+    return "".join(ch if ch.isprintable() else ascii(ch)[1:-1] for ch in str(text))
+
+
+def finite_number(value: Any) -> float:
+    """A threshold value as a finite float; NaN, infinities and booleans are refused."""
+    if isinstance(value, bool):
+        raise ValueError(f"must be a number, not {str(value).lower()}")
+    try:
+        number = float(value)
+    except OverflowError:
+        raise ValueError("is too large for a number") from None
+    except (TypeError, ValueError):
+        raise ValueError(f"must be a number, not {printable(repr(value))[:40]}") from None
+    if not math.isfinite(number):
+        raise ValueError(f"must be a finite number, not {number}")
+    return number
+
+
+SCOPE_GRAMMAR = ("global, class:C, domain:D, domain:D/class:C, method:M, layer:L or pair:A->B, as results.json "
+                 "writes them (a / : % @ in a name escaped as %2F %3A %25 %40)")
+
+
+def scope_problem(text: str) -> str | None:
+    """Why `text` is not a scope the engine can produce (None: it is one). Segments must be in the
+    engine's order (domain, class, ...) and escaped as it escapes them, or they would match nothing."""
+    if text == "global":
+        return None
+    try:
+        parts = parse_scope(text)
+    except ValueError:
+        return f"{printable(text)!r} is not a scope; write {SCOPE_GRAMMAR}"
+    empty = [kind for kind, value in parts.items() if not value]
+    if empty:
+        return f"{printable(text)!r} names no {empty[0]}"
+    canonical = scope(**{("class_" if kind == "class" else kind): value for kind, value in parts.items()})
+    if canonical != text:
+        return f"{printable(text)!r} is not written as the engine writes scopes; write {printable(canonical)!r}"
+    return None
+
+
+def spec_number(digits: str | None) -> int:
+    """A width or precision of a format spec, capped (int() refuses very long digit strings)."""
+    if digits is None:
+        return 0
+    digits = digits.lstrip("0") or "0"
+    return int(digits) if len(digits) <= 9 else 10**9
+
+
+def simple_spec(spec: str) -> bool:
+    """Whether a format spec is one message templates may use (see check_template)."""
+    match = FORMAT_SPEC.fullmatch(spec)
+    return (match is not None and (match["fill"] is None or match["fill"].isprintable())
+            and all(spec_number(match[p]) <= MAX_FORMAT_WIDTH for p in ("width", "precision")))
+
+
+def check_template(text: str, allowed: Iterable[str]) -> None:
+    """Refuse what a message template may not do: unknown, positional, attribute or indexed fields
+    (`{x.__class__}`, `{x[0]}`), conversions (`!r`), nested fields in a format spec, and specs beyond
+    the simple ones (`.1%`, `.3f`, `d`, `,`, `>8`) or wider than MAX_FORMAT_WIDTH."""
+    allowed = set(allowed)
+    try:
+        parsed = list(string.Formatter().parse(text))
+    except ValueError as exc:
+        raise ValueError(f"not a valid template ({exc}); write a literal brace as {{{{ or }}}}") from None
+    for _, field_name, spec, conversion in parsed:
+        if field_name is None:
+            continue
+        shown = "{" + printable(field_name) + "}"
+        if field_name == "" or field_name.isdigit():
+            raise ValueError(f"positional placeholder {shown}; name a field: {_listing(sorted(allowed))}")
+        if any(ch in field_name for ch in ".["):
+            raise ValueError(f"placeholder {shown} reads an attribute or an index; name a field as it is: {_listing(sorted(allowed))}")
+        if field_name not in allowed:
+            raise ValueError(f"unknown placeholder {shown}; use {_listing(sorted(allowed))}")
+        if conversion is not None:
+            raise ValueError(f"placeholder {{{field_name}!{printable(conversion)}}}: conversions (!r, !s, !a) are not supported")
+        spec = spec or ""
+        if "{" in spec or "}" in spec:
+            raise ValueError(f"placeholder {{{field_name}:{printable(spec)}}}: a format spec cannot hold another placeholder")
+        match = FORMAT_SPEC.fullmatch(spec)
+        if match is None or (match["fill"] is not None and not match["fill"].isprintable()):
+            raise ValueError(f"placeholder {{{field_name}:{printable(spec)}}}: not a simple format spec "
+                             f"(e.g. .1%, .3f, d, ',', >8; types {_listing(FORMAT_TYPES)})")
+        for part in ("width", "precision"):
+            number = spec_number(match[part])
+            if number > MAX_FORMAT_WIDTH:
+                shown_spec = spec if len(spec) <= 20 else spec[:20] + "..."
+                raise ValueError(f"placeholder {{{field_name}:{shown_spec}}}: {part} {number if number < 10**9 else 'of ' + str(len(match[part])) + ' digits'} "
+                                 f"is over the limit of {MAX_FORMAT_WIDTH}")
 
 
 class Threshold(_Strict):
@@ -66,6 +167,13 @@ class Threshold(_Strict):
     severity: Severity | None = None
     bound: Bound | None = None
 
+    @field_validator("value", mode="before")
+    @classmethod
+    def _finite_values(cls, value: Any) -> Any:
+        if isinstance(value, (list, tuple)):
+            return [finite_number(v) for v in value]
+        return finite_number(value)
+
     @field_validator("status", mode="before")
     @classmethod
     def _threshold_status(cls, value: Any) -> Any:
@@ -78,6 +186,8 @@ class Threshold(_Strict):
         ranged = self.op in ("between", "outside")
         if ranged != isinstance(self.value, list) or (ranged and len(self.value) != 2):
             raise ValueError(f"op {self.op!r} takes {'a list [low, high]' if ranged else 'a single number'}")
+        if ranged and self.value[0] > self.value[1]:  # type: ignore[index]
+            raise ValueError(f"op {self.op!r} takes [low, high] with low <= high, not {self.value}")
         return self
 
     @model_validator(mode="after")
@@ -134,7 +244,7 @@ class RuleSpec(_Strict):
     """A rule without thresholds is informational: every scope it can judge gives an `info` finding."""
 
     schema_: str = Field(alias="schema")
-    id: str = Field(pattern=r"^[a-z0-9][a-z0-9-]*$")
+    id: str = Field(pattern=ID_PATTERN)
     version: int = Field(default=1, ge=1)
     title: str
     description: str | None = None
@@ -178,19 +288,11 @@ class RuleSpec(_Strict):
                 raise ValueError(f"{name}: {ref!r} must be a metric name <probe>.<metric>[:lo|:hi|:n]")
         return value
 
-    @field_validator("message", "pass_message", "remedy")
+    @field_validator(*TEMPLATE_KEYS)
     @classmethod
     def _known_placeholders(cls, value: str | None, info: ValidationInfo) -> str | None:
-        if value is None:
-            return value
-        allowed = MESSAGE_FIELDS | set(info.data.get("values") or {})
-        try:
-            parsed = list(string.Formatter().parse(value))
-        except ValueError as exc:
-            raise ValueError(f"not a valid template ({exc}); write a literal brace as {{{{ or }}}}") from None
-        for _, field_name, _, _ in parsed:
-            if field_name is not None and field_name not in allowed:
-                raise ValueError(f"unknown placeholder {{{field_name}}}; use {_listing(sorted(allowed))}")
+        if value is not None:
+            check_template(value, MESSAGE_FIELDS | set(info.data.get("values") or {}))
         return value
 
     @property
@@ -214,20 +316,40 @@ class RuleSpec(_Strict):
         return data
 
 
-def parse_rule(data: Any, source: str) -> RuleSpec:
+_UNION_MEMBER = re.compile(r"^(str|int|float|bool|none|(list|dict|tuple|function-\w+|union|tagged-union|chain|nullable)\[.*\])$")
+
+
+def _error_key(error: Any) -> str:
+    """The dotted key of a pydantic error, without the union member names pydantic adds to it."""
+    loc = [str(p) for p in error["loc"]]
+    kept = [p for i, p in enumerate(loc) if not (_UNION_MEMBER.match(p) and not (error["type"] == "extra_forbidden" and i == len(loc) - 1))]
+    return printable(".".join(kept).replace("schema_", "schema")) or "(top level)"
+
+
+def _who(data: Any, position: int | None) -> str:
+    """`rule 'x': ` when the rule has a well-formed id, `rule #2: ` in a file of several without one."""
+    rule_id = data.get("id") if isinstance(data, dict) else None
+    if isinstance(rule_id, str) and re.fullmatch(ID_PATTERN, rule_id):
+        return f"rule {rule_id!r}: "
+    return f"rule #{position}: " if position is not None else ""
+
+
+def parse_rule(data: Any, source: str, position: int | None = None) -> RuleSpec:
+    """One rule from a parsed YAML mapping; a RuleError names the source, the rule id (or its
+    position, 1-based, in a file of several) and the key."""
     if not isinstance(data, dict):
-        raise RuleError(f"{source}: a rule file must be a YAML mapping")
+        raise RuleError(f"{source}: {_who(data, position)}a rule {'' if position is not None else 'file '}must be a YAML mapping")
     try:
         rule = RuleSpec.model_validate(data)
     except ValidationError as exc:
         error = exc.errors()[0]
-        key = ".".join(str(p) for p in error["loc"]).replace("schema_", "schema") or "(top level)"
+        key, who = _error_key(error), _who(data, position)
         if error["type"] == "extra_forbidden":
-            message = f"{source}: unknown key '{key}'"
+            message = f"{source}: {who}unknown key '{key}'"
         elif error["type"] == "missing":
-            message = f"{source}: missing key '{key}'"
+            message = f"{source}: {who}missing key '{key}'"
         else:
-            message = f"{source}: key '{key}': {error['msg'].removeprefix('Value error, ')}"
+            message = f"{source}: {who}key '{key}': {printable(error['msg'].removeprefix('Value error, '))}"
         more = len(exc.errors()) - 1
         raise RuleError(message + (f" (and {more} more problem{'s' if more > 1 else ''})" if more else "")) from None
     rule.source = source
@@ -238,19 +360,34 @@ def load_rule_file(path: Path, declared: Declarations | None = None) -> list[Rul
     """A file holds one rule, or several as a YAML list or as `---`-separated documents. With
     `declared`, every metric and column the rules name must be declared by a probe."""
     try:
-        documents = [d for d in yaml.safe_load_all(Path(path).read_text(encoding="utf-8")) if d is not None]
+        text = Path(path).read_text(encoding="utf-8")
     except FileNotFoundError:
         raise RuleError(f"{path}: rule file not found") from None
+    except UnicodeDecodeError:
+        raise RuleError(f"{path}: rule file is not UTF-8 text") from None
+    except OSError as exc:
+        raise RuleError(f"{path}: cannot read the rule file ({exc.strerror or type(exc).__name__})") from None
+    try:
+        documents = [d for d in yaml.safe_load_all(text) if d is not None]
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark is not None else ""
-        raise RuleError(f"{path}:{where} not valid YAML ({getattr(exc, 'problem', None) or exc})") from None
-    rules: list[RuleSpec] = []
-    for document in documents:
-        for item in document if isinstance(document, list) else [document]:
-            rules.append(parse_rule(item, str(path)))
-    if not rules:
+        raise RuleError(f"{path}:{where} not valid YAML ({printable(getattr(exc, 'problem', None) or exc)})") from None
+    except RecursionError:
+        raise RuleError(f"{path}: not valid YAML (nested too deeply)") from None
+    except Exception as exc:  # noqa: BLE001 - PyYAML's constructors raise plain errors: 2001-13-01, a bare `!!float`
+        text = str(exc).strip()
+        raise RuleError(f"{path}: not valid YAML ({printable(text.splitlines()[0] if text else type(exc).__name__)})") from None
+    items = [item for document in documents for item in (document if isinstance(document, list) else [document])]
+    if not items:
         raise RuleError(f"{path}: the file holds no rule")
+    several = len(items) > 1
+    rules = [parse_rule(item, str(path), i if several else None) for i, item in enumerate(items, start=1)]
+    seen: dict[str, int] = {}
+    for i, rule in enumerate(rules, start=1):
+        if rule.id in seen:
+            raise RuleError(f"{path}: rule {rule.id!r}: key 'id': rule #{i} has the same id as rule #{seen[rule.id]}")
+        seen[rule.id] = i
     if declared is not None:
         check_rules(rules, declared)
     return rules
