@@ -149,7 +149,6 @@ def _cmd_run(args: argparse.Namespace) -> int:
 def _print_summary(outcome: Any) -> None:
     results = outcome.results
     from audit.findings import ATTENTION, count_by_status
-
     from audit.report.viewmodel import inferred_text
 
     summary = ", ".join(f"{n} {s}" for s, n in count_by_status(results["findings"]).items() if n)

@@ -15,7 +15,7 @@ import pytest
 from PIL import Image
 
 from audit.data import Preprocessing, load_sample, mask_problem, read_input
-from audit.errors import InputError, ModelLoadError, SampleError
+from audit.errors import ModelLoadError, SampleError
 from audit.manifest import Sample
 from tests import corpus
 from tests.conftest import SIZE, colour_image, run_cli
