@@ -83,6 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--seed", type=int, help="seed for sampling and bootstrap (default 0)")
     run.add_argument("--max-samples", type=int, help="audit a stratified sample of at most N rows")
     run.add_argument("--batch-size", type=int, help="most images per model call, in every pass (default 64)")
+    run.add_argument("--workers", type=int, metavar="N", help="threads decoding inputs ahead of the model (default 2; 0 decodes inline)")
     run.add_argument("--chunk-samples", type=int, metavar="N",
                      help="detail-stage samples per chunk written to the run folder (default 256); results do not depend on it")
     run.add_argument("--no-sample-images", action="store_true", help="keep every input image, thumbnail and heatmap out of the reports")
@@ -112,7 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 _FLAG_KEYS = ("model", "manifest", "weights", "input_size", "channels", "mean", "std", "layout", "output_kind", "output_name", "embedding_layer",
               "data_root", "probes", "profile", "rule_files", "out", "fail_on", "device", "seed", "max_samples", "batch_size", "chunk_samples",
-              "max_image_pixels")
+              "max_image_pixels", "workers")
 
 
 def config_from_args(args: argparse.Namespace) -> Any:
@@ -277,7 +278,7 @@ COMMANDS = {"run": _cmd_run, "render": _cmd_render, "rules": _cmd_rules, "probes
 
 def main(argv: Sequence[str] | None = None) -> int:
     advise_huge_pages()  # before anything imports torch
-    args = build_parser().parse_args(argv)
+    args = parse_arguments(build_parser(), argv)
     previous = signal.signal(signal.SIGTERM, _on_sigterm) if _main_thread() else None
     try:
         return COMMANDS[args.command](args)
@@ -310,6 +311,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
+
+
+def parse_arguments(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> argparse.Namespace:
+    """Like parse_args, but an unknown option is reported with the usage of the subcommand it was given
+    to (`run --modle` shows run's usage, not the top level's)."""
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+        command = sub.choices[args.command]
+        nested = getattr(args, "rules_command", None)
+        if nested is not None:
+            command = next(a for a in command._actions if isinstance(a, argparse._SubParsersAction)).choices[nested]
+        command.error(f"unrecognized arguments: {' '.join(unknown)}")
+    return args
 
 
 def _main_thread() -> bool:

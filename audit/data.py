@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageFile, UnidentifiedImageError
 
-from audit.errors import SampleError
+from audit.errors import InputError, SampleError
 from audit.manifest import Sample
 
 MAX_IMAGE_PIXELS = 50_000_000  # default for --max-image-pixels: larger headers are refused before decoding
@@ -40,16 +40,17 @@ class Preprocessing:
         std: Sequence[float] | None,
         max_pixels: int = MAX_IMAGE_PIXELS,
     ) -> Preprocessing:
-        def expand(values: Sequence[float] | None, default: float) -> tuple[float, ...]:
+        def expand(values: Sequence[float] | None, default: float, name: str) -> tuple[float, ...]:
             if values is None:
                 return (default,) * channels
             if len(values) == 1:
                 return (float(values[0]),) * channels
             if len(values) != channels:
-                raise ValueError(f"expected 1 or {channels} normalisation values, got {len(values)}")
+                raise InputError(f"--{name} {' '.join(str(v) for v in values)}: the model takes {channels} channel(s), "
+                                 f"so give 1 or {channels} values, not {len(values)}")
             return tuple(float(v) for v in values)
 
-        return cls(tuple(input_size), channels, expand(mean, 0.0), expand(std, 1.0), max_pixels)  # type: ignore[arg-type]
+        return cls(tuple(input_size), channels, expand(mean, 0.0, "mean"), expand(std, 1.0, "std"), max_pixels)  # type: ignore[arg-type]
 
     def normalise(self, x: np.ndarray) -> np.ndarray:
         """(x - mean) / std over the channel axis of a CHW or NCHW array."""

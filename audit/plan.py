@@ -141,7 +141,9 @@ def read_output(model: ModelAdapter, batch: Batch, output_kind: str, classes: li
     interpretation = interpret(raw, output_kind)
     k = interpretation.num_classes
     if classes and len(classes) != k:
-        raise InputError(f"{len(classes)} class names were given but the model outputs {k} classes")
+        source = model.files[0].path if model.files else "the model"
+        raise InputError(f"--classes: {len(classes)} class names were given ({', '.join(classes[:4])}{', ...' if len(classes) > 4 else ''}) "
+                         f"but {source} outputs {k} classes; the names must list the model's outputs in order")
     for sample in manifest.samples:
         if sample.label is not None and sample.label >= k:
             raise InputError(f"{manifest.path} row {sample.row}, column 'label': label index {sample.label} is out of range (the model has {k} classes)")

@@ -93,7 +93,13 @@ class RunFolder:
         return self
 
     def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
-        self.release()
+        """An input error leaves nothing behind; an interrupt or a crash keeps the staging folder, whose
+        finished chunks a resume can adopt (the next run clears it otherwise)."""
+        try:
+            if isinstance(exc, InputError) and self.staging.exists():
+                shutil.rmtree(self.staging)
+        finally:
+            self.release()
 
     def acquire(self) -> None:
         """Hold the destination's lock, or say who holds it."""

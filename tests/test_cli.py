@@ -222,7 +222,21 @@ def test_classes_count_must_match_model(capsys: pytest.CaptureFixture[str], data
     code = main(["run", "--model", str(dataset.onnx), "--manifest", str(manifest), "--classes", str(two),
                  "--data-root", str(dataset.root), "--out", str(tmp_path / "o"), "--quiet"])
     assert code == 2
-    assert "2 class names were given but the model outputs 3 classes" in capsys.readouterr().err
+    assert (f"--classes: 2 class names were given (red, green) but {dataset.onnx} outputs 3 classes; "
+            "the names must list the model's outputs in order") in capsys.readouterr().err
+    assert not (tmp_path / "o").exists() and not (tmp_path / ".o.model-audit" / "staging").exists()  # no half-made run
+
+
+def test_a_new_user_gets_the_usage_of_the_command_they_typed(capsys: pytest.CaptureFixture[str], dataset, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    with pytest.raises(SystemExit) as exit_info:
+        main(["run", "--modle", "m.onnx"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.startswith("usage: model-audit run ") and "unrecognized arguments: --modle m.onnx" in err
+    code = main(["run", "--model", f"{dataset.model_py}:build", "--weights", str(dataset.weights), "--manifest", str(dataset.manifest),
+                 "--classes", str(dataset.classes_file), "--mean", "0.5", "0.5", "--workers", "0", "--out", str(tmp_path / "o"), "--quiet"])
+    assert code == 2
+    assert capsys.readouterr().err == ("model-audit: error: --mean 0.5 0.5: the model takes 3 channel(s), so give 1 or 3 values, "
+                                       "not 2\n")
 
 
 def test_results_json_is_valid_and_sorted(torch_run) -> None:  # type: ignore[no-untyped-def]
