@@ -19,6 +19,7 @@ from pydantic import (
     model_validator,
 )
 
+from audit.data import MAX_IMAGE_PIXELS
 from audit.errors import InputError, first_line
 from audit.rules.schema import ID_PATTERN, Threshold, scope_problem
 
@@ -125,7 +126,7 @@ class AuditConfig(_Strict):
     device: Device = "auto"
     seed: int = Field(default=0, ge=0, le=2**32 - 1)  # numpy's generators take 0 .. 2**32 - 1
     force: bool = False  # write into a non-empty --out that is not a model-audit run (nothing in it is deleted)
-    max_image_pixels: int = Field(default=50_000_000, ge=1)  # images declaring more are skipped before decoding
+    max_image_pixels: int = Field(default=MAX_IMAGE_PIXELS, ge=1)  # images declaring more are skipped before decoding
     max_samples: int | None = Field(default=None, ge=1)
     sample_images: bool = True
     quiet: bool = False

@@ -109,22 +109,28 @@ def read_input(path: Path, max_pixels: int = MAX_IMAGE_PIXELS) -> np.ndarray:
         raise SampleError("file not found") from None
     except MemoryError:
         raise SampleError("out of memory while decoding it") from None
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError) as exc:
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError) as exc:
         detail = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise SampleError(f"unreadable: {detail}") from None
 
 
 def _check_array_header(path: Path, max_pixels: int) -> None:
     """Refuse an empty or over-large .npy from its header, before its data is read."""
-    shape = _npy_shape(path)
+    shape, dtype = _npy_header(path)
+    if dtype.hasobject:
+        return  # np.load(allow_pickle=False) refuses it, saying why, before reading any data
     if not shape or 0 in shape:
-        raise SampleError(f"array is empty (shape {tuple(shape)})")
-    if len(shape) in (2, 3):
-        height, width = _plane_shape(shape)
-        plane = height * width
-        if plane > max_pixels:
-            raise SampleError(f"array has shape {tuple(shape)}: {plane:,} pixels, over the limit of {max_pixels:,} "
-                              "(--max-image-pixels); not read")
+        raise SampleError(f"array is empty (shape {shape})")
+    if len(shape) not in (2, 3):
+        raise _dimension_error(shape)
+    height, width = _plane_shape(shape)
+    if height * width > max_pixels:
+        raise SampleError(f"array has shape {shape}: {height * width:,} pixels, over the limit of {max_pixels:,} "
+                          "(--max-image-pixels); not read")
+
+
+def _dimension_error(shape: tuple[int, ...]) -> SampleError:
+    return SampleError(f"array has shape {shape}; expected H x W or C x H x W")
 
 
 def _array_to_chw(arr: np.ndarray) -> np.ndarray:
@@ -136,7 +142,7 @@ def _array_to_chw(arr: np.ndarray) -> np.ndarray:
         if arr.shape[0] > 4 and arr.shape[-1] <= 4:  # H x W x C stored channels-last
             arr = arr.transpose(2, 0, 1)
     else:
-        raise SampleError(f"array has shape {arr.shape}; expected H x W or C x H x W")
+        raise _dimension_error(arr.shape)
     if arr.dtype.kind == "u":
         out = arr.astype(np.float32) / float(np.iinfo(arr.dtype).max)
     elif arr.dtype.kind == "b":
@@ -175,10 +181,16 @@ def resize(arr: np.ndarray, size: tuple[int, int], resample: int = Image.BILINEA
 
 def load_sample(sample: Sample, prep: Preprocessing) -> np.ndarray:
     """Model-ready CHW array for one sample (unnormalised, in [0, 1] for images)."""
+    return _load_with_size(sample, prep)[0]
+
+
+def _load_with_size(sample: Sample, prep: Preprocessing) -> tuple[np.ndarray, tuple[int, int]]:
+    """The model-ready array and the H x W the file itself has (what its mask must match)."""
     try:
         arr = read_input(sample.path, prep.max_pixels)
+        size = (int(arr.shape[1]), int(arr.shape[2]))
         arr = convert_channels(arr, prep.channels)
-        return resize(arr.astype(np.float32, copy=False), prep.input_size)
+        return resize(arr.astype(np.float32, copy=False), prep.input_size), size
     except MemoryError:
         raise SampleError("out of memory while preprocessing it") from None
 
@@ -200,7 +212,7 @@ def mask_problem(sample: Sample, image_size: tuple[int, int], max_pixels: int = 
         return None
     try:
         shape = read_input(sample.mask, max_pixels).shape[1:]
-    except (SampleError, MemoryError) as exc:
+    except SampleError as exc:
         return f"mask unreadable ({exc}); sample kept without mask", False
     if tuple(shape) != tuple(image_size):
         return (f"mask is {shape[1]} x {shape[0]} but the image is {image_size[1]} x {image_size[0]}; "
@@ -246,17 +258,18 @@ def iter_batches(
 def source_size(path: Path) -> tuple[int, int]:
     """A readable input's own H x W, from its header (the file was just decoded)."""
     if path.suffix.lower() == ".npy":
-        return _plane_shape(_npy_shape(path))
+        return _plane_shape(_npy_header(path)[0])
     with Image.open(path) as img:
         return img.size[1], img.size[0]
 
 
-def _npy_shape(path: Path) -> tuple[int, ...]:
-    """The shape a .npy header declares, without reading its data."""
+def _npy_header(path: Path) -> tuple[tuple[int, ...], np.dtype]:
+    """The shape and dtype a .npy header declares, without reading its data."""
     with open(path, "rb") as fh:
         version = np.lib.format.read_magic(fh)
         reader = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
-        return tuple(reader(fh)[0])
+        shape, _, dtype = reader(fh)
+    return tuple(shape), dtype
 
 
 def _plane_shape(shape: Sequence[int]) -> tuple[int, int]:
@@ -288,11 +301,12 @@ def iter_groups(
         good, arrays, bad, masks = [], [], [], []
         for sample in chunk:
             try:
-                arrays.append(load_sample(sample, prep))
+                arr, size = _load_with_size(sample, prep)
             except SampleError as exc:
                 bad.append((sample, str(exc)))
                 continue
-            problem = mask_problem(sample, source_size(sample.path), prep.max_pixels) if on_mask and sample.mask else None
+            arrays.append(arr)
+            problem = mask_problem(sample, size, prep.max_pixels) if on_mask else None
             if problem is not None:
                 masks.append((sample, *problem))
                 if not problem[1]:

@@ -31,3 +31,8 @@ def first_line(exc: BaseException) -> str:
     """`Type: first line of the message`, for one-line error reports."""
     text = str(exc).strip()
     return f"{type(exc).__name__}: {text.splitlines()[0]}" if text else type(exc).__name__
+
+
+def printable(text: object) -> str:
+    """`text` on one line: control characters written as escapes, so an error message stays one line."""
+    return "".join(ch if ch.isprintable() else ascii(ch)[1:-1] for ch in str(text))

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from audit.errors import InputError
+from audit.errors import InputError, printable
 
 KNOWN_COLUMNS = ("id", "path", "label", "mask", "domain", "group")
 SUFFIXES = {".csv": "csv", ".jsonl": "jsonl", ".ndjson": "jsonl", ".parquet": "parquet", ".pq": "parquet"}
@@ -124,8 +124,8 @@ def read_table(path: Path) -> pd.DataFrame:
     except _reader_errors(kind) as exc:
         text = str(exc).strip()
         why = f"{type(exc).__name__}: {text.splitlines()[0]}" if text else type(exc).__name__
-        raise InputError(f"{path}: cannot read manifest ({_printable(why)})") from None
-    frame.columns = [_printable(str(c).strip()) for c in frame.columns]
+        raise InputError(f"{path}: cannot read manifest ({printable(why)})") from None
+    frame.columns = [printable(str(c).strip()) for c in frame.columns]
     duplicates = sorted({c for c in frame.columns if list(frame.columns).count(c) > 1})
     if duplicates:
         raise InputError(f"{path}: column {duplicates[0]!r} appears more than once")
@@ -144,11 +144,6 @@ def _reader_errors(kind: str) -> tuple[type[BaseException], ...]:
         except ImportError:  # pragma: no cover - pandas then says it needs an engine (ImportError)
             errors += (ImportError,)
     return errors
-
-
-def _printable(text: str) -> str:
-    """One line: control characters written as escapes."""
-    return "".join(ch if ch.isprintable() else ascii(ch)[1:-1] for ch in text)
 
 
 def _read(path: Path, kind: str) -> pd.DataFrame:

@@ -76,14 +76,16 @@ GEOMETRY_SAMPLES = 32  # readable samples a torch model's input size and channel
 LISTED_SIZES = 20  # samples of other sizes named in results.json (all are counted)
 
 
-def infer_geometry(spec: InputSpec, manifest: Manifest, max_pixels: int) -> None:
-    """A torch model's input size (and channels, when the model does not fix them) from the data: the
-    most common over the first `GEOMETRY_SAMPLES` readable samples, ties to the first seen. One odd
-    first image must not resize every input. Samples of other sizes are counted and listed."""
+def infer_geometry(spec: InputSpec, manifest: Manifest, max_pixels: int) -> dict[str, Any] | None:
+    """A torch model's input size, when not given, from the data: the most common over the first
+    `GEOMETRY_SAMPLES` readable samples, ties to the first seen (one odd first image must not resize
+    every input); samples of other sizes are counted and listed. Returns what was inferred, with the
+    most common channel count (`channels`) for a model whose file does not fix it; None when both
+    were given."""
     from audit.data import source_size
 
     if spec.size is not None and spec.channels is not None:
-        return
+        return None
     shapes: list[tuple[int, ...]] = []
     for sample in list(manifest.samples):
         if len(shapes) == GEOMETRY_SAMPLES:
@@ -94,7 +96,7 @@ def infer_geometry(spec: InputSpec, manifest: Manifest, max_pixels: int) -> None
             manifest.skip(sample, str(exc))
     if not shapes:
         raise InputError(f"{manifest.path}: no sample could be read ({len(manifest.skipped)} rows skipped)")
-    inferred: dict[str, Any] = {"from_samples": len(shapes)}
+    inferred: dict[str, Any] = {"from_samples": len(shapes), "channels": Counter(int(shape[0]) for shape in shapes).most_common(1)[0][0]}
     if spec.size is None:
         size = Counter(tuple(int(v) for v in shape[1:]) for shape in shapes).most_common(1)[0][0]
         spec.size = size  # type: ignore[assignment]
@@ -107,8 +109,7 @@ def infer_geometry(spec: InputSpec, manifest: Manifest, max_pixels: int) -> None
             if own != size:
                 others.append({"id": sample.id, "size": list(own)})
         inferred.update(size=list(size), other_sizes=len(others), other_size_samples=others[:LISTED_SIZES])
-    inferred["channel_counts"] = {str(c): n for c, n in Counter(int(shape[0]) for shape in shapes).most_common()}
-    spec.inferred = inferred
+    return inferred
 
 
 def probe_batch(manifest: Manifest, prep: Preprocessing, size: int = PROBE_BATCH) -> Batch:
@@ -240,18 +241,15 @@ def load_audited_model(config: AuditConfig, manifest: Manifest) -> tuple[ModelAd
 
     device = resolve_device(config.device)
     spec = InputSpec(channels=config.channels, size=tuple(config.input_size) if config.input_size else None, layout=config.layout)
-    if not is_onnx(config.model):  # ONNX files fix their own geometry
-        infer_geometry(spec, manifest, config.max_image_pixels)
+    found = None if is_onnx(config.model) else infer_geometry(spec, manifest, config.max_image_pixels)  # ONNX files fix theirs
     tick = time.perf_counter()
     model = load_model(config.model, spec, device, config.weights, config.output_name, embedding_layer=config.embedding_layer,
                        trust_pickle=config.trust_pickle)
     seconds = time.perf_counter() - tick
-    inferred = model.input_spec.inferred
-    if model.input_spec.channels is None and inferred is not None:
-        model.input_spec.channels = int(next(iter(inferred["channel_counts"])))
-        inferred["channels"] = model.input_spec.channels
-    if inferred is not None:
-        inferred.pop("channel_counts", None)
-        if "size" not in inferred and "channels" not in inferred:
-            model.input_spec.inferred = None
+    if found is not None:
+        if model.input_spec.channels is None:  # neither given nor fixed by the model's first convolution
+            model.input_spec.channels = found["channels"]
+        else:
+            del found["channels"]
+        model.input_spec.inferred = found if {"size", "channels"} & set(found) else None
     return model, seconds

@@ -519,11 +519,8 @@ def _load_exported(path: Path, trust_pickle: bool = False) -> tuple[nn.Module, l
             raise ModelLoadError(f"{path}: refused: loading it would unpickle or run code it carries: {unsafe[0]}{more}; "
                                  "re-export without pickled parts, or pass --trust-pickle if you trust whoever made the file")
     try:
-        if trust_pickle:
+        with contextlib.nullcontext() if trust_pickle else weights_only_loads():
             program = torch.export.load(str(path))
-        else:
-            with weights_only_loads():
-                program = torch.export.load(str(path))
     except Exception as exc:  # noqa: BLE001
         raise ModelLoadError(f"{path}: cannot load torch.export program ({first_line(exc)})") from None
     capabilities: dict[Capability, str | None] = {}

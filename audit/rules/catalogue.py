@@ -9,10 +9,10 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import ValidationError
 
-from audit.errors import InputError, RuleError
+from audit.errors import InputError, RuleError, printable
 from audit.metrics.names import parse_scope
 from audit.resources import rules_dir
-from audit.rules.schema import RuleSpec, check_rules, load_rule_file, parse_rule, printable, scope_problem
+from audit.rules.schema import RuleSpec, check_rules, load_rule_file, parse_rule, scope_problem
 
 if TYPE_CHECKING:
     from audit.metrics.declarations import Declarations

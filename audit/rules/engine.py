@@ -18,10 +18,11 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from audit.errors import printable
 from audit.findings import JUDGED, SEVERITY_RANK, Finding, Severity, Status
 from audit.metrics.names import display_scope, parse_key, parse_scope, scope, scope_kind
 from audit.rules.ops import STATISTICS, SYMBOLS, compare, worse_direction
-from audit.rules.schema import BOUND_TEXT, RuleSpec, Threshold, printable, scope_problem, simple_spec
+from audit.rules.schema import BOUND_TEXT, RuleSpec, Threshold, scope_problem, simple_spec
 
 __all__ = ["Finding", "MetricIndex", "ProbeState", "RuleEngine", "ScopedValue", "apply_waivers", "render_message", "threshold_text"]
 

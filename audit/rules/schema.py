@@ -25,7 +25,7 @@ from pydantic import (
     model_validator,
 )
 
-from audit.errors import RuleError
+from audit.errors import RuleError, printable
 from audit.findings import JUDGED, SEVERITY_ORDER, Severity, Status
 from audit.metrics.names import SUFFIXES, parse_scope, scope
 
@@ -59,11 +59,6 @@ class _Strict(BaseModel):
 
 def _listing(items: Iterable[str]) -> str:
     return ", ".join(str(i) for i in items)
-
-
-def printable(text: str) -> str:
-    """`text` on one line: control characters written as escapes, so an error message stays one line."""
-    return "".join(ch if ch.isprintable() else ascii(ch)[1:-1] for ch in str(text))
 
 
 def finite_number(value: Any) -> float:
