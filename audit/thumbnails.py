@@ -1,4 +1,4 @@
-"""Small PNG thumbnails of evidence samples, written into the run so the report needs no data set."""
+"""Small JPEG thumbnails of evidence samples, written into the run so the report needs no data set."""
 
 from __future__ import annotations
 
@@ -27,14 +27,18 @@ def to_display(arr: np.ndarray) -> np.ndarray:
     return img[:3].transpose(1, 2, 0)
 
 
-def png_bytes(pixels: np.ndarray, size: int = THUMBNAIL_SIZE) -> bytes:
-    """Encode HxW or HxWx3 uint8 as PNG, scaled so the longer side is `size` (nearest when enlarging)."""
+JPEG_QUALITY = 85
+
+
+def jpeg_bytes(pixels: np.ndarray, size: int = THUMBNAIL_SIZE) -> bytes:
+    """Encode HxW or HxWx3 uint8 as JPEG at its display size (the longer side `size`; nearest when
+    enlarging, so small inputs keep their pixels): a photo-like thumbnail is a third of its PNG."""
     img = Image.fromarray(pixels)
     scale = size / max(img.size)
     resample = Image.NEAREST if scale > 1 else Image.LANCZOS
     img = img.resize((max(1, round(img.width * scale)), max(1, round(img.height * scale))), resample)
     buffer = io.BytesIO()
-    img.save(buffer, format="PNG", optimize=True)
+    img.save(buffer, format="JPEG", quality=JPEG_QUALITY, optimize=True)
     return buffer.getvalue()
 
 
@@ -48,5 +52,5 @@ def write_thumbnails(samples: Iterable[Sample], prep: Preprocessing, store: RunS
             arr = load_sample(sample, prep)
         except SampleError:
             continue
-        out[sample.id] = store.write_artifact(png_bytes(to_display(arr)), ".png")
+        out[sample.id] = store.write_artifact(jpeg_bytes(to_display(arr)), ".jpg")
     return out

@@ -188,3 +188,32 @@ def run_factory(dataset: Dataset, tmp_path_factory: pytest.TempPathFactory):  # 
         return _run(tmp_path_factory.mktemp("run"), model_args, data or dataset, extra)
 
     return make
+
+
+@pytest.fixture(scope="session")
+def demo_run(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
+    """The real demo (default data, training, ONNX export, audit) once for the session, on the smoke
+    profile: its inputs folder (data, model; beside the run folder, not in it) and its outcome."""
+    from audit import demo
+
+    out = tmp_path_factory.mktemp("demo") / "demo"
+    return demo.demo_inputs(out), demo.run_demo(out, seed=0, profile="smoke", quiet=True)
+
+
+@pytest.fixture(scope="session")
+def demo_audit(demo_run, tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
+    """Further smoke audits of the demo's model and data with only the probes a test needs:
+    `demo_audit(["predictions", "background"], fail_on="high")` -> RunOutcome."""
+    from audit import demo
+    from audit.api import run_audit
+    from audit.config import build_config
+
+    inputs, _ = demo_run
+
+    def make(probes: list[str], **options):  # type: ignore[no-untyped-def]
+        values = {"model": str(inputs / "model" / "demo.onnx"), "manifest": str(inputs / "data" / "manifest.csv"),
+                  "classes": list(demo.CLASSES), "mean": list(demo.MEAN), "std": list(demo.STD), "probes": probes,
+                  "profile": "smoke", "out": tmp_path_factory.mktemp("demo-audit") / "run", "quiet": True, **options}
+        return run_audit(build_config({}, values))
+
+    return make

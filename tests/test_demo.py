@@ -48,14 +48,6 @@ def small_control(tmp_path_factory: pytest.TempPathFactory) -> DemoData:
 
 
 @pytest.fixture(scope="module")
-def demo_run(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
-    """The real demo (default data, training, ONNX export, audit) once for the module: its inputs
-    folder (data, model; beside the run folder, not in it) and its outcome."""
-    out = tmp_path_factory.mktemp("demo") / "demo"
-    return demo.demo_inputs(out), demo.run_demo(out, seed=0, profile="smoke", quiet=True)
-
-
-@pytest.fixture(scope="module")
 def control(tmp_path_factory: pytest.TempPathFactory) -> tuple[DemoData, demo.DemoCNN]:
     data = demo.generate_dataset(tmp_path_factory.mktemp("control"), seed=0, correlated=False)
     return data, demo.train_model(data, seed=0)

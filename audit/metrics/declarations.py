@@ -12,7 +12,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Literal
 
-Unit = Literal["percent", "ratio", "count", "number", "text"]  # text: a column rules cannot aggregate
+Unit = Literal["percent", "points", "ratio", "count", "number", "text"]  # points: a difference of two shares; text: a column rules cannot aggregate
 ScopeKind = str  # "global", "class", "domain", "domain/class", "method", "method/class", "layer", "pair"
 
 

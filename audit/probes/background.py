@@ -68,6 +68,9 @@ class BackgroundParams(ProbeParams):
     batch_size: int = Field(default=128, ge=8, description="images whose backgrounds are swapped among each other")
     gallery_classes: int = Field(default=8, ge=0, description="classes with a gallery of worst samples in the report")
     gallery_per_class: int = Field(default=3, ge=0, description="worst samples shown per class")
+    evidence_per_class: int = Field(default=8, ge=0, description=(
+        "samples per class and finding kept in the state they failed in (swapped background, object removed), "
+        "for the findings' evidence; the rules name up to 8"))
 
 
 def localisation(maps: np.ndarray, masks: np.ndarray) -> pd.DataFrame:
@@ -152,10 +155,10 @@ class Background(Probe):
           for v, label in (("original", "original images"), ("only_bg_t", "background alone, object removed"),
                            ("mixed_same", "object on a background of its own class"),
                            ("mixed_rand", "object on a background of another class"))),
-        MetricSpec("background.bg_gap", ("global", "class"), "percent", "mixed-same accuracy minus mixed-rand accuracy (Xiao et al.)"),
+        MetricSpec("background.bg_gap", ("global", "class"), "points", "mixed-same accuracy minus mixed-rand accuracy (Xiao et al.)"),
         MetricSpec("background.flip_rate", ("global", "class"), "percent", "correct predictions that change when the background is another class's"),
         MetricSpec("background.still_predicted", ("class",), "percent", "with the object removed, the class is still predicted"),
-        MetricSpec("background.only_bg_excess", ("class",), "percent",
+        MetricSpec("background.only_bg_excess", ("class",), "points",
                    "still-predicted rate minus how often other classes' backgrounds alone are called this class"),
     )
     provides = (
@@ -171,7 +174,7 @@ class Background(Probe):
             *(ColumnSpec(f"pred_{v}", "number", f"prediction on the {v} variant (-1: no valid variant)") for v in VARIANTS),
         )),
         TableSpec("background_gallery", "detail", "per batch and class, the samples a gallery could show, with their display images",
-                  kind="array", keys=("id", "class", "mapped", "ratio", "flipped", "batch", "position")),
+                  kind="array", keys=("id", "class", "mapped", "ratio", "flipped", "still", "batch", "position")),
         TableSpec("background_masks", "detail", "each masked sample's object fraction at attribution-map resolution", kind="array"),
         TableSpec("background", "reduce", "one row per swapped sample: answers, Shapley localisation and the judging method", (
             *SAMPLE_COLUMNS,
@@ -279,7 +282,7 @@ class Background(Probe):
             valid = variants[variant][1]
             frame[f"pred_{variant}"] = np.where(valid, preds[k], -1)
         output = DetailOutput(tables={"background_swaps": frame})
-        if context.sample_images and self.params.gallery_per_class:
+        if context.sample_images and (self.params.gallery_per_class or self.params.evidence_per_class):
             gallery = self._gallery_candidates(batch.index, frame, raw, masks, variants)
             if gallery is not None:
                 output.arrays["background_gallery"] = gallery
@@ -287,24 +290,30 @@ class Background(Probe):
 
     def _gallery_candidates(self, index: int, frame: pd.DataFrame, raw: np.ndarray, masks: np.ndarray,
                             variants: dict[str, tuple[np.ndarray, np.ndarray]]) -> ArrayTable | None:
-        """Per class, the batch's best `gallery_per_class` candidates (heatmap first, then background
-        ratio, then flipped; earlier first on ties) with their display images; `reduce` keeps the
-        best of all batches by the same order, which is what keeping a running top list would give."""
+        """Per class, the batch's samples a gallery or a finding's evidence could show, with their
+        display images: the best `gallery_per_class` by the gallery's order, and the first
+        `evidence_per_class` by each order the background rules pick their evidence in (flipped,
+        still predicted without the object, background ratio; earlier first on ties). `reduce` keeps
+        the best of all batches by the same orders, which is what keeping running top lists would give,
+        and is what the rule engine's stable sort of the background table picks."""
         names = self.context.classes
-        flipped = (frame["pred_original"] == frame["reference"]) & (frame["pred_mixed_rand"] >= 0) & (frame["pred_mixed_rand"] != frame["pred_original"])
+        ok_orig = frame["pred_original"] == frame["reference"]
+        rand, only = frame["pred_mixed_rand"], frame["pred_only_bg_t"]
         keys = pd.DataFrame({
             "id": frame["id"].astype(str),
             "class": [names[int(r)] for r in frame["reference"]],
             "mapped": frame["id"].isin(self._mapped).to_numpy(),
-            "ratio": frame["outside_ratio"].fillna(0.0).astype(float).to_numpy(),
-            "flipped": flipped.astype(float).to_numpy(),
+            "ratio": frame["outside_ratio"].fillna(-1.0).astype(float).to_numpy(),
+            "flipped": np.where((rand >= 0) & ok_orig, (rand != frame["pred_original"]).astype(float), -1.0),
+            "still": np.where(only >= 0, (only == frame["reference"]).astype(float), -1.0),
             "batch": index,
             "position": np.arange(len(frame)),
         })
-        rows = _best_candidates(keys, self.params.gallery_per_class)
+        rows = np.unique(np.concatenate([_best_candidates(keys, self.params.gallery_per_class),
+                                         *(_first_by(keys, column, self.params.evidence_per_class) for column in EVIDENCE_ORDERS)]))
         if not len(rows):
             return None
-        return ArrayTable(keys.iloc[rows], {
+        return ArrayTable(keys.iloc[rows].reset_index(drop=True), {
             "input": np.stack([to_display(raw[j]) for j in rows]),
             "mask": masks[rows],
             **{f"variant_{v}": np.stack([to_display(variants[v][0][j]) for j in rows]) for v in VARIANTS},
@@ -342,6 +351,7 @@ class Background(Probe):
             "explanations": {scope(class_=c): plain_words(c, v) for c, v in summaries.items()},
             "per_method": self._method_summaries(located),
             "galleries": self._galleries(table, data) if self.context.sample_images else {},
+            "evidence_states": self._evidence_states(table, data) if self.context.sample_images else {},
         }
         if chosen is None:
             evidence.notes.append("No attribution method is trusted on this model, so background reliance is judged from the "
@@ -428,6 +438,39 @@ class Background(Probe):
                  "outside_ratio": float(g["outside_ratio"].mean()), "pointing_game": float(g["pointing_hit"].mean())}
                 for m, g in located.groupby("method", sort=True)] if len(located) else []
 
+    def _bundle(self, candidates: ArrayTable, j: int, data: ProbeData) -> str:
+        """One candidate's display images and every method's map as a content-addressed .npz artifact."""
+        sample_id = str(candidates.keys["id"].iat[j])
+        arrays = {name: values[j] for name, values in candidates.values.items()}
+        arrays.update({f"map_{m}": maps[sample_id].astype(np.float16) for m, maps in self._maps.items() if sample_id in maps})
+        return data.write_artifact(_npz_bytes(arrays), ".npz")
+
+    def _answers(self, row: pd.Series) -> dict[str, str | None]:
+        names = self.context.classes
+        return {v: (names[int(row[f"pred_{v}"])] if row[f"pred_{v}"] >= 0 else None) for v in ("original", *VARIANTS)}
+
+    def _evidence_states(self, table: pd.DataFrame, data: ProbeData) -> dict[str, dict[str, Any]]:
+        """id -> the sample in the states it was judged in (its bundle, the model's answer on each
+        counterfactual, the object's and the background's Shapley values), for every sample the
+        background rules can name as evidence: the report shows the failure, not the untouched input."""
+        candidates = data.arrays("background_gallery")
+        if table.empty or candidates is None or not self.params.evidence_per_class:
+            return {}
+        rows = table.set_index("id")
+        chosen = np.unique(np.concatenate([_first_by(candidates.keys, column, self.params.evidence_per_class) for column in EVIDENCE_ORDERS]))
+        states: dict[str, dict[str, Any]] = {}
+        for j in chosen:
+            sample_id = str(candidates.keys["id"].iat[j])
+            row = rows.loc[sample_id]
+            states[sample_id] = {
+                "artifact": self._bundle(candidates, j, data),
+                "predictions": self._answers(row),
+                "phi_object": _finite(row.get("phi_object")),
+                "phi_background": _finite(row.get("phi_background")),
+                "outside_ratio": _finite(row.get("outside_ratio")),
+            }
+        return states
+
     def _galleries(self, table: pd.DataFrame, data: ProbeData) -> dict[str, list[dict[str, Any]]]:
         """For the classes that lean on the background most, their worst samples as small array bundles
         (input, mask, every map, the counterfactuals); the report draws them."""
@@ -438,21 +481,18 @@ class Background(Probe):
                              rank_flip=table["flipped"].astype("Float64").fillna(0.0) if "flipped" in table else 0.0)
         ranking = score.groupby("class")[["rank_ratio", "rank_flip"]].mean().assign(rank_key=lambda f: f["rank_ratio"] + f["rank_flip"])
         rows = table.set_index("id")
-        names = self.context.classes
         best = _best_candidates(candidates.keys, self.params.gallery_per_class)
         galleries: dict[str, list[dict[str, Any]]] = {}
         for cls in ranking.sort_values("rank_key", ascending=False).index[: self.params.gallery_classes]:
             entries = []
             for j in best[candidates.keys["class"].iloc[best].to_numpy() == str(cls)]:
                 sample_id = str(candidates.keys["id"].iat[j])
-                arrays = {name: values[j] for name, values in candidates.values.items()}
-                arrays.update({f"map_{m}": maps[sample_id].astype(np.float16) for m, maps in self._maps.items() if sample_id in maps})
-                row = rows.loc[sample_id]
+                ratio = float(candidates.keys["ratio"].iat[j])
                 entries.append({
                     "id": sample_id,
-                    "artifact": data.write_artifact(_npz_bytes(arrays), ".npz"),
-                    "outside_ratio": float(candidates.keys["ratio"].iat[j]),
-                    "predictions": {v: (names[int(row[f"pred_{v}"])] if row[f"pred_{v}"] >= 0 else None) for v in ("original", *VARIANTS)},
+                    "artifact": self._bundle(candidates, j, data),
+                    "outside_ratio": ratio if ratio >= 0 else None,
+                    "predictions": self._answers(rows.loc[sample_id]),
                 })
             galleries[str(cls)] = entries
         return galleries
@@ -481,6 +521,26 @@ def _best_candidates(keys: pd.DataFrame, per_class: int) -> np.ndarray:
     order = keys.assign(_row=np.arange(len(keys))).sort_values(
         ["mapped", "ratio", "flipped", "batch", "position"], ascending=[False, False, False, True, True], kind="stable")
     return order.groupby("class", sort=False).head(per_class)["_row"].to_numpy()
+
+
+EVIDENCE_ORDERS = ("flipped", "still", "ratio")  # the candidate keys of background.flipped, .still_predicted, .outside_ratio
+
+
+def _first_by(keys: pd.DataFrame, column: str, per_class: int) -> np.ndarray:
+    """Row positions of each class's first `per_class` candidates by `column` descending (negative:
+    no value, never evidence), earlier batches and rows first on ties: the rule engine's order."""
+    valid = keys.assign(_row=np.arange(len(keys)))
+    valid = valid[valid[column] >= 0]
+    order = valid.sort_values([column, "batch", "position"], ascending=[False, True, True], kind="stable")
+    return order.groupby("class", sort=False).head(per_class)["_row"].to_numpy()
+
+
+def _finite(value: Any) -> float | None:
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return None
+    return number if np.isfinite(number) else None
 
 
 def _judged(swaps: pd.DataFrame) -> pd.DataFrame:

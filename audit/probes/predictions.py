@@ -77,7 +77,7 @@ class Predictions(Probe):
         MetricSpec("predictions.accuracy", _RUN_SCOPES, "percent", "share of labelled samples predicted right", interval=True),
         MetricSpec("predictions.ece", _RUN_SCOPES, "percent", "expected calibration error over equal-width confidence bins", interval=True),
         MetricSpec("predictions.mean_confidence", _RUN_SCOPES, "percent", "mean confidence of the predicted class, labelled or not"),
-        MetricSpec("predictions.accuracy_gap", ("domain",), "percent", "accuracy of the reference domain minus this domain's", interval=True),
+        MetricSpec("predictions.accuracy_gap", ("domain",), "points", "accuracy of the reference domain minus this domain's", interval=True),
         MetricSpec("predictions.support", _CLASS_SCOPES, "count", "labelled samples of the class"),
         MetricSpec("predictions.recall", _CLASS_SCOPES, "percent", "share of the class's samples predicted as the class", interval=True),
         MetricSpec("predictions.precision", _CLASS_SCOPES, "percent", "share of the predictions of the class that are right", interval=True),

@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import io
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import matplotlib
@@ -27,7 +28,7 @@ plt.rcParams.update({
     "axes.spines.top": False,
     "axes.spines.right": False,
     "axes.titlesize": 9,
-    "figure.dpi": 100,
+    "figure.dpi": 120,  # raster figures (sample strips): enough for inputs of up to ~100 px a panel at their printed size
 })
 
 # Colour-blind-safe and still distinct in grey-scale print (Okabe-Ito, varied lightness).
@@ -52,8 +53,11 @@ def _short(label: str, width: int = 18) -> str:
 
 def bars(labels: Sequence[str], values: Sequence[float | None], lows: Sequence[float | None] | None = None,
          highs: Sequence[float | None] | None = None, xlabel: str = "", limit: float | None = None,
-         limit_label: str = "", percent: bool = True, highlight: Sequence[bool] | None = None) -> str:
-    """Horizontal bars with optional interval whiskers and a dashed threshold line."""
+         limit_label: str = "", percent: bool = True, highlight: Sequence[bool] | None = None, unit: str | None = None) -> str:
+    """Horizontal bars with optional interval whiskers and a dashed threshold line. `unit` (percent,
+    points or number; default percent when `percent`) sets the axis and the value labels, which
+    carry the precision the report's tables use for that unit."""
+    unit = unit or ("percent" if percent else "number")
     n = len(labels)
     fig, ax = plt.subplots(figsize=(5.6, 0.9 + 0.24 * max(n, 1)))
     ys = np.arange(n)[::-1]
@@ -72,17 +76,32 @@ def bars(labels: Sequence[str], values: Sequence[float | None], lows: Sequence[f
         ax.axvline(limit, color=RED, linestyle="--", linewidth=1)
         if limit_label:
             ax.text(limit, n - 0.4, f" {limit_label}", color=RED, va="bottom", fontsize=7)
-    ax.set_yticks(ys, [_short(str(l)) for l in labels])
-    if percent:
+    ax.set_yticks(ys, [_short(str(l), 30) for l in labels])
+    if unit == "percent":
         top = max(1.0, float(np.nanmax(vals)) if np.isfinite(vals).any() else 1.0)
         bottom = min(0.0, float(np.nanmin(vals)) if np.isfinite(vals).any() else 0.0)
         ax.set_xlim(bottom, top)
         ax.xaxis.set_major_formatter(matplotlib.ticker.PercentFormatter(1.0))
-    for y, v in zip(ys, vals, strict=True):
+    elif unit == "points":
+        ax.axvline(0, color=GREY, linewidth=0.6)
+        ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{100 * v:+.0f}"))
+    ends = vals.copy()
+    if lows is not None and highs is not None:
+        ends = np.where(ok, np.fmax(vals, hi), vals)  # the label goes past the whisker, not over it
+    for y, v, end in zip(ys, vals, ends, strict=True):
         if np.isfinite(v):
-            ax.text(v, y, f" {v:.0%}" if percent else f" {v:.3g}", va="center", fontsize=7, color=DARK)
+            ax.text(end, y, f"  {value_label(v, unit)}", va="center", fontsize=7, color=DARK)
     ax.set_xlabel(xlabel)
     return _svg(fig)
+
+
+def value_label(value: float, unit: str) -> str:
+    """A bar's label at the precision the report's tables give the same unit."""
+    if unit == "percent":
+        return f"{value:.1%}"
+    if unit == "points":
+        return f"{100 * value:+.1f} points"
+    return f"{value:.2f}" if abs(value) < 10 else f"{value:.3g}"
 
 
 def reliability(curves: dict[str, list[dict[str, Any]]]) -> str:
@@ -168,34 +187,89 @@ class Charts:
         return data_uri(matrix(*args, **kwargs))
 
 
-def sample_strip(panels: Sequence[dict[str, Any]], size: float = 1.35) -> bytes:
-    """One row of small images: each panel an image, optionally a heatmap over it and the object's outline.
+MM_PER_INCH = 25.4
+PANELS_PER_ROW = 6  # at most this many image panels side by side: each stays at least 27 mm wide on A4
+PANEL_TITLE_PT = 7.0  # the smallest type on paper
+HEAT_PERCENTILE = 99.0  # heatmaps are scaled to this percentile of the positive evidence, not to one hot pixel
+HEAT_CMAP = "inferno"
+
+
+@dataclass(frozen=True)
+class Picture:
+    """An encoded raster figure and the width, in millimetres, it was drawn for: shown at that
+    width its type has the size it was set in."""
+
+    data: bytes
+    mime: str
+    width_mm: float
+
+    @property
+    def uri(self) -> str:
+        return f"data:{self.mime};base64," + base64.b64encode(self.data).decode("ascii")
+
+
+def robust_scale(heat: np.ndarray) -> np.ndarray:
+    """Positive evidence over its 99th percentile, clipped to [0, 1]: one extreme pixel no longer
+    turns the rest of the map black."""
+    positive = np.clip(np.nan_to_num(np.asarray(heat, dtype=float)), 0, None)
+    values = positive[positive > 0]
+    if not len(values):
+        return positive
+    top = float(np.percentile(values, HEAT_PERCENTILE))
+    return np.clip(positive / top, 0, 1) if top > 0 else positive
+
+
+def palette_png(rgb: np.ndarray) -> bytes:
+    """An RGB raster as a 256-colour palette PNG: pictures of a few hundred pixels a side, with flat
+    colour in their titles, stay sharp at a fraction of the size of a true-colour PNG."""
+    from PIL import Image
+
+    image = Image.fromarray(rgb).quantize(colors=256, method=Image.Quantize.MEDIANCUT, dither=Image.Dither.NONE)
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG", optimize=True)
+    return buffer.getvalue()
+
+
+def sample_strip(panels: Sequence[dict[str, Any]], size: float = 1.1, per_row: int = PANELS_PER_ROW) -> Picture:
+    """Rows of small images: each panel an image, optionally a heatmap over it and the object's outline.
 
     panel = {"image": HxW or HxWx3 uint8, "heat": 2-D float or None, "outline": HxW bool or None, "caption": str}.
-    Heatmaps show the positive evidence (clipped at 0, scaled to the panel's maximum) in a sequential
-    colour map, so they read in grey-scale too. PNG, because these are pictures, not line art.
+    At most `per_row` panels side by side (more wrap onto further rows), titles in 7 pt at the drawn
+    size. Heatmaps show the positive evidence scaled per panel to its 99th percentile, in a sequential
+    colour map that reads in grey-scale too, with one colour bar for the figure. `size` is a panel's
+    width in inches.
     """
-    fig, axes = plt.subplots(1, len(panels), figsize=(size * len(panels), size * 1.25), squeeze=False)
-    for ax, panel in zip(axes[0], panels, strict=True):
+    columns = max(1, min(per_row, len(panels)))
+    rows = -(-len(panels) // columns)
+    heated = any(panel.get("heat") is not None for panel in panels)
+    bar = 0.42 if heated else 0.0
+    width, height = size * columns + bar, size * 1.32 * rows
+    fig = plt.figure(figsize=(width, height))
+    for k, panel in enumerate(panels):
+        r, c = divmod(k, columns)
+        ax = fig.add_axes(((c * size + 0.03 * size) / width, 1 - (r + 1) * size * 1.32 / height + 0.02 * size / height,
+                           0.94 * size / width, 0.94 * size / height))
         image = panel["image"]
         h, w = image.shape[:2]
         ax.imshow(image, cmap="gray" if image.ndim == 2 else None, vmin=0, vmax=255, interpolation="nearest")
         heat = panel.get("heat")
         if heat is not None:
-            positive = np.clip(np.asarray(heat, dtype=float), 0, None)
-            top = positive.max()
-            ax.imshow(positive / top if top > 0 else positive, cmap="inferno", alpha=0.6, vmin=0, vmax=1,
+            ax.imshow(robust_scale(heat), cmap=HEAT_CMAP, alpha=0.6, vmin=0, vmax=1,
                       extent=(-0.5, w - 0.5, h - 0.5, -0.5), interpolation="bilinear")
         outline = panel.get("outline")
         if outline is not None and np.asarray(outline).any():
             ax.contour(np.asarray(outline, dtype=float), levels=[0.5], colors=["#00E5FF"], linewidths=0.8)
-        ax.set_title(panel.get("caption", ""), fontsize=6.5, pad=2)
+        ax.set_title(panel.get("caption", ""), fontsize=PANEL_TITLE_PT, pad=2, linespacing=1.0)
         ax.set_xticks([])
         ax.set_yticks([])
         ax.set_xlim(-0.5, w - 0.5)
         ax.set_ylim(h - 0.5, -0.5)
-    fig.subplots_adjust(wspace=0.06, left=0.01, right=0.99, top=0.85, bottom=0.02)
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=110, metadata={"Software": None})
+    if heated:
+        cax = fig.add_axes(((width - bar + 0.05) / width, 0.5 - 0.36 * size / height, 0.08 / width, 0.72 * size / height))
+        scale = fig.colorbar(matplotlib.cm.ScalarMappable(norm=matplotlib.colors.Normalize(0, 1), cmap=HEAT_CMAP), cax=cax, ticks=[0, 1])
+        scale.ax.set_yticklabels(["0", "p99"], fontsize=PANEL_TITLE_PT)
+        scale.ax.tick_params(length=2, pad=1)
+    fig.canvas.draw()
+    rgb = np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()
     plt.close(fig)
-    return buffer.getvalue()
+    return Picture(palette_png(rgb), "image/png", width * MM_PER_INCH)

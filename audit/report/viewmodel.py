@@ -14,13 +14,15 @@ from typing import Any
 import markupsafe
 import yaml
 
-from audit.findings import SEVERITY_ORDER, STATUS_ORDER
+from audit.findings import ATTENTION, SEVERITY_ORDER, STATUS_ORDER, exit_code
 from audit.metrics.names import display_scope, metric_key, parse_key, parse_scope, scope
 from audit.report.run_files import Tables, run_file
-from audit.report.views import views_for
+from audit.report.views import ProbeView, views_for
 from audit.rules.engine import threshold_text
 
 VERDICT_CLASS = {"PASS": "pass", "PASS WITH WARNINGS": "warn", "FAIL": "fail", "ERROR": "error"}
+EVIDENCE_SHOWN = 6  # evidence thumbnails drawn per finding; the rest are listed by id
+EVIDENCE_STATES_SHOWN = 4  # evidence drawn in its failed state (three panels each) per finding
 PERCENT_HINTS = ("accuracy", "recall", "precision", "f1", "ece", "share", "fraction", "rate", "gap", "confidence")
 
 CAPABILITY_TEXT = {
@@ -43,11 +45,18 @@ def format_value(value: float | None, unit: str) -> str:
         return "n/a"
     if unit == "percent":
         return f"{value:.1%}"
+    if unit == "points":  # a difference of two shares: 0.47 is 47 percentage points, not 47%
+        return f"{100 * value:.1f} points"
     if unit == "count":
         return f"{value:,.0f}"
     if unit == "ratio":
         return f"{value:.2f}×"
     return f"{value:.3g}"
+
+
+def bound_text(value: float, unit: str) -> str:
+    """An interval bound beside its value: the value already names the unit when it is a word."""
+    return f"{100 * value:.1f}" if unit == "points" else format_value(value, unit)
 
 
 class MetricReader:
@@ -69,7 +78,7 @@ class MetricReader:
         out = format_value(value, unit)
         lo, hi = self.get(name, scope, "lo"), self.get(name, scope, "hi")
         if interval and lo is not None and hi is not None:
-            out += f" [{format_value(lo, unit)}, {format_value(hi, unit)}]"
+            out += f" [{bound_text(lo, unit)}, {bound_text(hi, unit)}]"
         return out
 
     def cell(self, name: str, scope: str = "global") -> markupsafe.Markup:
@@ -81,7 +90,7 @@ class MetricReader:
         lo, hi = self.get(name, scope, "lo"), self.get(name, scope, "hi")
         text = markupsafe.escape(format_value(value, unit))
         if lo is not None and hi is not None:
-            text += markupsafe.Markup('<br><span class="ci">[{}, {}]</span>').format(format_value(lo, unit), format_value(hi, unit))
+            text += markupsafe.Markup('<br><span class="ci">[{}, {}]</span>').format(bound_text(lo, unit), bound_text(hi, unit))
         return text
 
     def scopes(self, name: str, kind: str) -> list[str]:
@@ -110,11 +119,11 @@ class Thumbnails:
         return self._cache[sample_id]
 
     def artifact(self, relative: str) -> str | None:
-        """A PNG/SVG artifact of the run as a data URI; refuses paths outside the run folder."""
+        """A PNG/JPEG/SVG artifact of the run as a data URI; refuses paths outside the run folder."""
         path = run_file(self.run_dir, relative)
         if path is None:
             return None
-        mime = "image/svg+xml" if path.suffix == ".svg" else "image/png"
+        mime = {".svg": "image/svg+xml", ".jpg": "image/jpeg"}.get(path.suffix, "image/png")
         return f"data:{mime};base64," + base64.b64encode(path.read_bytes()).decode("ascii")
 
 
@@ -137,19 +146,112 @@ def rule_limit(rules: list[dict[str, Any]], rule_id: str, status: str = "fail") 
     return None
 
 
-def _finding_view(f: dict[str, Any], units: dict[str, str], thumbs: Thumbnails, facts: dict[str, str]) -> dict[str, Any]:
+def anchor_of(prefix: str, text: str) -> str:
+    return prefix + "-" + "".join(ch if ch.isalnum() else "-" for ch in text)
+
+
+def _finding_view(f: dict[str, Any], units: dict[str, str], thumbs: Thumbnails, facts: dict[str, str],
+                  views: dict[str, ProbeView], fail_on: str) -> dict[str, Any]:
     unit = unit_of(f["metric"], units)
     limit = threshold_text(f.get("op"), f.get("threshold"), lambda v: format_value(v, unit), f.get("bound"))
-    evidence = [{"id": i, "thumb": thumbs(i), "fact": facts.get(i, "")} for i in f.get("evidence", [])]
-    return {
+    view = views.get(f["metric"].split(".", 1)[0])
+    out = {
         **f,
         "scope_display": display_scope(f["scope"]) if not f["scope"].startswith("per ") else f["scope"],
         "scope_parts": parse_scope(f["scope"]) if not f["scope"].startswith("per ") else {},
         "value_text": format_value(f.get("value"), unit) if f.get("value") is not None else "n/a",
         "limit_text": limit,
-        "evidence_items": evidence,
-        "anchor": "finding-" + "".join(ch if ch.isalnum() else "-" for ch in f"{f['rule']}-{f['scope']}"),
+        "gating": f["status"] in ATTENTION and exit_code([f], fail_on) == 1,
+        "anchor": anchor_of("finding", f"{f['rule']}-{f['scope']}-{f['status']}"),
     }
+    out["gallery"] = view.gallery_anchor(out) if view is not None and f["status"] != "pass" else None
+    ids = f.get("evidence", [])
+    states = [view.evidence_image(out, i) if view is not None else None for i in ids[:EVIDENCE_STATES_SHOWN]]
+    if any(states):  # the failed states, or nothing: an untouched original next to them would read as the failure
+        images = {i: (state, None) for i, state in zip(ids, states, strict=False)}
+    else:
+        images = {i: (None, thumbs(i)) for i in ids[:EVIDENCE_SHOWN]}
+    items = [{"id": i, "fact": facts.get(i, ""), "state": images.get(i, (None, None))[0], "thumb": images.get(i, (None, None))[1]}
+             for i in ids]
+    out["evidence_items"] = items
+    out["evidence_shown"] = [e for e in items if e["state"] or e["thumb"]]
+    out["evidence_more"] = [e for e in items if not (e["state"] or e["thumb"])]
+    out["evidence_states"] = any(e["state"] for e in items)
+    return out
+
+
+def group_findings(findings: list[dict[str, Any]], probe_titles: dict[str, str]) -> list[dict[str, Any]]:
+    """Findings of one probe on one scope (wolf's BG-gap, object-removed and background reliance)
+    describe one cause: one group, one plain-words paragraph, each rule's verdict inside. Groups keep
+    the order of their most urgent member."""
+    groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for f in findings:
+        groups.setdefault((f["metric"].split(".", 1)[0], f["scope"]), []).append(f)
+    out = []
+    for (probe, scope_text), members in groups.items():
+        first = members[0]
+        plain = next((m["plain_words"] for m in members if m.get("plain_words")), None)
+        remedies: list[str] = []
+        for m in members:
+            if m.get("remedy") and m["remedy"] not in remedies:
+                remedies.append(m["remedy"])
+        out.append({
+            "members": members,
+            "single": len(members) == 1,
+            "title": first["title"] if len(members) == 1 else f"{probe_titles.get(probe, probe)}: {first['scope_display']}",
+            "scope_display": first["scope_display"],
+            "status": first["status"],
+            "severity": first["severity"],
+            "severities": sorted({m["severity"] for m in members}),
+            "plain_words": plain,
+            "remedies": remedies,
+            "gallery": next((m["gallery"] for m in members if m.get("gallery")), None),
+            "anchor": anchor_of("group", f"{probe}-{scope_text}"),
+        })
+    return out
+
+
+def preprocessing_text(preprocessing: dict[str, Any]) -> str:
+    """The normalisation the model was audited with, and whether the user stated it or it was assumed."""
+    def values(v: Any) -> str:
+        items = [f"{float(x):g}" for x in (v or [])]
+        return items[0] if len(set(items)) == 1 else " ".join(items)
+
+    text = f"mean {values(preprocessing.get('mean'))}, std {values(preprocessing.get('std'))} on pixels in [0, 1]"
+    stated = preprocessing.get("stated")
+    if stated is False:
+        return text + " (assumed: no --mean/--std was given)"
+    if stated is True:
+        return text + " (as given)"
+    return text
+
+
+def gate_view(results: dict[str, Any], findings: list[dict[str, Any]]) -> dict[str, Any]:
+    """What the CI gate (`fail_on`) decided, in words, and which findings decided it."""
+    gate = results.get("gate") or {}
+    fail_on = str(gate.get("fail_on") or results["run"].get("fail_on", "high"))
+    code = int(gate["exit_code"]) if "exit_code" in gate else exit_code(findings, fail_on)
+    gating = [f for f in findings if f.get("gating")]
+    if fail_on == "never":
+        words = "fail_on: never, so no finding fails the gate; exit code 0"
+    elif code:
+        words = (f"fail_on: {fail_on}: {len(gating)} finding(s) failed at severity {fail_on} or above, "
+                 "so the gate fails (exit code 1)")
+    else:
+        words = f"fail_on: {fail_on}: no finding failed at severity {fail_on} or above, so the gate passes (exit code 0)"
+    return {"fail_on": fail_on, "exit_code": code, "text": words, "gating": gating}
+
+
+def verdict_reason(verdict: str, attention: list[dict[str, Any]]) -> str:
+    """One line on why the verdict is what it is: the most urgent findings by rule and scope."""
+    if not attention:
+        return "Every judged rule passed."
+    status = attention[0]["status"]
+    worst = [f for f in attention if f["status"] == status]
+    named = "; ".join(f"{f['title'].split(' (')[0]} ({f['scope_display']})" for f in worst[:3])
+    more = f"; and {len(worst) - 3} more" if len(worst) > 3 else ""
+    word = {"error": "could not be judged", "fail": "failed", "warn": "warned"}[status]
+    return f"{len(worst)} finding(s) {word}: {named}{more}."
 
 
 def inferred_text(inferred: dict[str, Any] | None) -> str | None:
@@ -180,13 +282,16 @@ def build_view(run_dir: Path, results: dict[str, Any], results_sha256: str) -> d
     views = views_for(run_dir, results, sample_images, tables)
     shown = {i for f in results["findings"] if f["status"] != "pass" for i in f.get("evidence", [])}
     facts = {k: v for view in views.values() for k, v in view.facts(shown).items()}
-    findings = [_finding_view(f, units, thumbs, facts) for f in results["findings"]]
+    fail_on = str((results.get("gate") or {}).get("fail_on") or results["run"].get("fail_on", "high"))
+    findings = [_finding_view(f, units, thumbs, facts, views, fail_on) for f in results["findings"]]
     lines = explanations(results)
     for f in findings:
         f["plain_words"] = lines.get((f["metric"].split(".", 1)[0], f["scope"]))
     by_status = {s: [f for f in findings if f["status"] == s] for s in STATUS_ORDER}
     attention = by_status["error"] + by_status["fail"] + by_status["warn"]
     counts = {s: sum(1 for f in attention if f["severity"] == s) for s in SEVERITY_ORDER}
+    probe_titles = {name: probe.get("title", name) for name, probe in results["probes"].items()}
+    groups = group_findings(attention, probe_titles)
 
     card = dict(results["config"].get("model_card") or {})
     name = card.get("name") or Path(str(results["config"].get("model", "model"))).name
@@ -208,8 +313,10 @@ def build_view(run_dir: Path, results: dict[str, Any], results_sha256: str) -> d
 
     rules = results.get("rules", [])
     for rule in rules:
+        unit = unit_of(rule.get("metric", ""), units)
         rule["threshold_lines"] = [
-            f"{t['status']} ({t['severity']}) if {threshold_text(t['op'], t['value'], bound=t.get('bound'))}" for t in rule.get("thresholds", [])
+            f"{t['status']} ({t['severity']}) if {threshold_text(t['op'], t['value'], lambda v, u=unit: format_value(v, u), t.get('bound'))}"
+            for t in rule.get("thresholds", [])
         ]
     capabilities = [
         {"name": CAPABILITY_TEXT.get(k, k), "available": v["available"], "reason": v["reason"]}
@@ -235,7 +342,11 @@ def build_view(run_dir: Path, results: dict[str, Any], results_sha256: str) -> d
         "counts": counts,
         "status_counts": {s: len(v) for s, v in by_status.items()},
         "attention": attention,
-        "top_findings": attention[:10],
+        "groups": groups,
+        "filter_severities": [s for s in SEVERITY_ORDER if any(f["severity"] == s for f in attention + by_status["waived"])],
+        "gate": gate_view(results, findings),
+        "verdict_reason": verdict_reason(results["run"]["verdict"], attention),
+        "preprocessing_text": preprocessing_text(results.get("preprocessing", {})),
         "waived": by_status["waived"],
         "informed": by_status["info"],
         "passed": by_status["pass"],

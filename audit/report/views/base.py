@@ -37,6 +37,15 @@ class ProbeView:
         """A caption per evidence sample id this probe can say something about."""
         return {}
 
+    def evidence_image(self, finding: dict[str, Any], sample_id: str) -> dict[str, Any] | None:
+        """The sample in the state in which it failed this probe's finding ({uri, width_mm, caption}),
+        beside its original and the trusted heatmap; None: the report shows the plain thumbnail."""
+        return None
+
+    def gallery_anchor(self, finding: dict[str, Any]) -> str | None:
+        """The anchor of this probe's gallery entry for the finding's scope, when it drew one."""
+        return None
+
 
 def register_view(cls: V) -> V:
     _VIEWS[cls.probe] = cls
