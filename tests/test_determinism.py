@@ -140,7 +140,7 @@ def test_every_stored_file_has_the_same_name_and_bytes(runs: tuple[Run, Run]) ->
     files = [sorted(p.relative_to(r.out).as_posix() for p in r.out.rglob("*") if p.is_file()) for r in runs]
     assert files[0] == files[1]
     artifacts = [f for f in files[0] if f.startswith("artifacts/")]
-    assert any(f.endswith(".npz") for f in artifacts) and any(f.endswith(".png") for f in artifacts)
+    assert any(f.endswith(".npz") for f in artifacts) and any(f.endswith(".jpg") for f in artifacts)
     differing = [f for f in files[0] if f not in RENDERED and (a.out / f).read_bytes() != (b.out / f).read_bytes()]
     assert not differing
 

@@ -260,6 +260,7 @@ def sample_strip(panels: Sequence[dict[str, Any]], size: float = 1.1, per_row: i
         if outline is not None and np.asarray(outline).any():
             ax.contour(np.asarray(outline, dtype=float), levels=[0.5], colors=["#00E5FF"], linewidths=0.8)
         ax.set_title(panel.get("caption", ""), fontsize=PANEL_TITLE_PT, pad=2, linespacing=1.0)
+        ax.spines[:].set_visible(False)
         ax.set_xticks([])
         ax.set_yticks([])
         ax.set_xlim(-0.5, w - 0.5)

@@ -248,10 +248,14 @@ def verdict_reason(verdict: str, attention: list[dict[str, Any]]) -> str:
         return "Every judged rule passed."
     status = attention[0]["status"]
     worst = [f for f in attention if f["status"] == status]
-    named = "; ".join(f"{f['title'].split(' (')[0]} ({f['scope_display']})" for f in worst[:3])
+    named = "; ".join(f"{_lower_first(f['title'].split(' (')[0])} ({f['scope_display']})" for f in worst[:3])
     more = f"; and {len(worst) - 3} more" if len(worst) > 3 else ""
     word = {"error": "could not be judged", "fail": "failed", "warn": "warned"}[status]
-    return f"{len(worst)} finding(s) {word}: {named}{more}."
+    return f"{len(worst)} {'finding' if len(worst) == 1 else 'findings'} {word}: {named}{more}."
+
+
+def _lower_first(text: str) -> str:
+    return text[:1].lower() + text[1:] if text[1:2].islower() else text
 
 
 def inferred_text(inferred: dict[str, Any] | None) -> str | None:
