@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import datetime as dt
+import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -12,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 from audit import __version__, exit_codes
 from audit.config import AuditConfig
 from audit.errors import AuditError, first_line
-from audit.findings import Status, exit_code, sort_findings, verdict
+from audit.findings import Status, exit_code, gate, sort_findings, verdict
 from audit.run_folder import RunFolder
 from audit.store import ProbeRecord, RunRecord, RunStore, RunTimes, load_results
 
@@ -99,6 +100,9 @@ def _audit_into(folder: RunFolder, config: AuditConfig, registry: dict[str, type
     outcomes = executor.run()
 
     metrics = {**run_metrics(manifest), **{k: v for o in outcomes.values() if o.evidence for k, v in o.evidence.metrics.items()}}
+    say = stage_lines(config.quiet)
+    if say is not None:
+        say(f"judging {len(rules)} rules")
     findings = evaluate_rules(rules, metrics, store, outcomes, declared, config.waivers)
     thumbnails: dict[str, str] = {}
     if config.sample_images:
@@ -116,11 +120,11 @@ def _audit_into(folder: RunFolder, config: AuditConfig, registry: dict[str, type
         manifest=manifest.describe(), preprocessing={**prep.describe(), "inferred": model.input_spec.inferred}, config=config.public_dict(), metrics=metrics,
         probes={name: probe_record(registry[name], o, declared) for name, o in outcomes.items()},
         rules=[r.public_dict() for r in rules], findings=findings, thumbnails=thumbnails,
-        provenance=environment(model.device, config.seed),
+        provenance=environment(model.device, config.seed), gate=gate(findings, config.fail_on),
     )
     sha = store.write_results(record.as_dict())
     try:
-        reports = render(store.root)
+        reports = render(store.root, progress=stage_lines(config.quiet))
     except Exception as exc:  # noqa: BLE001 - the results are saved; the earlier run stays in place
         why = str(exc) if isinstance(exc, AuditError) else first_line(exc)
         message = (f"the reports could not be rendered ({why}); results.json is saved in {store.root} and the earlier run "
@@ -128,7 +132,7 @@ def _audit_into(folder: RunFolder, config: AuditConfig, registry: dict[str, type
         return RunOutcome(store.root, record.as_dict(), sha, exit_codes.RENDER, {}, message)
     out = folder.commit()
     reports = {name: out / path.relative_to(store.root) for name, path in reports.items()}
-    return RunOutcome(out, record.as_dict(), sha, exit_code(findings, config.fail_on), reports)
+    return RunOutcome(out, record.as_dict(), sha, record.gate["exit_code"], reports)
 
 
 def run_metrics(manifest: Manifest) -> dict[str, float]:
@@ -170,10 +174,18 @@ def thumbnail_ids(findings: list[dict[str, Any]], outcomes: dict[str, ProbeOutco
     return list(dict.fromkeys(wanted))
 
 
-def render(run_dir: Path | str, formats: Sequence[str] = ("html", "pdf", "junit")) -> dict[str, Path]:
+def render(run_dir: Path | str, formats: Sequence[str] = ("html", "pdf", "junit"),
+           progress: Callable[[str], Any] | None = None) -> dict[str, Path]:
     """Render reports from the run folder alone (no model, no data set)."""
     from audit.report import write_reports
 
     run_dir = Path(run_dir)
     results, sha = load_results(run_dir)
-    return write_reports(run_dir, results, sha, formats)
+    return write_reports(run_dir, results, sha, formats, progress)
+
+
+def stage_lines(quiet: bool) -> Callable[[str], None] | None:
+    """One line per stage on stderr (tqdm's bars show the per-sample stages); None when quiet."""
+    if quiet:
+        return None
+    return lambda line: print(f"model-audit: {line}", file=sys.stderr, flush=True)

@@ -149,14 +149,19 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 def _print_summary(outcome: Any) -> None:
     results = outcome.results
-    from audit.findings import ATTENTION, count_by_status
-    from audit.report.viewmodel import inferred_text
+    from audit.findings import ATTENTION, count_by_status, gate
+    from audit.report.viewmodel import inferred_text, preprocessing_text
 
     summary = ", ".join(f"{n} {s}" for s, n in count_by_status(results["findings"]).items() if n)
     inferred = inferred_text(results["preprocessing"].get("inferred"))
     if inferred:
         print(f"note: {inferred}")
+    print(f"preprocessing: {preprocessing_text(results['preprocessing'])}")
+    print(f"model fingerprint: {results['model'].get('fingerprint', '')[:16]}")
     print(f"verdict: {results['run']['verdict']} ({summary})")
+    decided = results.get("gate") or gate(results["findings"], results["run"].get("fail_on", "high"))
+    print(f"gate: fail_on {decided['fail_on']}: exit code {decided['exit_code']}"
+          + (f" ({len(decided['gating'])} finding(s) at {decided['fail_on']} or above)" if decided["gating"] else ""))
     for finding in results["findings"]:
         if finding["status"] in ATTENTION:
             print(f"  {finding['status'].upper():5} {finding['severity']:8} {finding['rule']} [{finding['scope']}]: {finding['message']}")
@@ -175,7 +180,9 @@ def _cmd_render(args: argparse.Namespace) -> int:
     if bad:
         raise InputError(f"--format: unknown format {bad[0]!r} (html, pdf, junit)")
     try:
-        written = render(args.run_dir, args.format)
+        from audit.api import stage_lines
+
+        written = render(args.run_dir, args.format, progress=stage_lines(False))
     except AuditError:
         raise
     except Exception as exc:  # noqa: BLE001 - a readable run that cannot be drawn is its own exit code
@@ -242,11 +249,18 @@ def rules_markdown(rules: Sequence[Any]) -> str:
 
 
 def _cmd_probes(_: argparse.Namespace) -> int:
+    from typing import get_args
+
+    from audit.config import Profile
     from audit.probes.registry import all_probes
 
+    profiles = get_args(Profile)
     for name, cls in all_probes().items():
-        needs = ", ".join(sorted(c.value for c in cls.requires)) or "nothing beyond a forward pass"
+        uses = cls.capability_uses()
+        needs = ", ".join(sorted(c.value for c in cls.requires)) or ("a forward pass; each method below uses what it lists when the model has it" if uses else "nothing beyond a forward pass")
         print(f"{name}: {cls.title} (needs {needs})")
+        for line in uses:
+            print(f"  uses {line}")
         if cls.consumes:
             print(f"  reads: {', '.join(c.table + (' (optional)' if c.optional else '') for c in cls.consumes)}")
         for table in cls.provides:
@@ -254,10 +268,11 @@ def _cmd_probes(_: argparse.Namespace) -> int:
             print(f"  writes {table.name} ({table.stage} stage, {'arrays' if table.kind == 'array' else 'rows'}){columns}")
         for metric in cls.metrics:
             print(f"  metric {metric.name} [{', '.join(metric.scopes)}; {metric.unit}]: {metric.meaning}")
+        per_profile = {p: cls.make_params(p, {}) for p in profiles}
         for field_name, field in cls.Params.model_fields.items():
-            defaults = {p: d[field_name] for p, d in cls.profile_defaults.items() if field_name in d}
-            shown = ", ".join(f"{p} {v}" for p, v in defaults.items()) or str(field.default)
-            print(f"  param {field_name}: {field.description or ''} (default {shown})")
+            values = {p: getattr(params, field_name) for p, params in per_profile.items()}
+            shown = str(values[profiles[0]]) if len({repr(v) for v in values.values()}) == 1 else ", ".join(f"{p} {v}" for p, v in values.items())
+            print(f"  param {field_name}: {field.description} (default {shown})")
     return EXIT_OK
 
 

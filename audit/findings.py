@@ -105,12 +105,30 @@ def verdict(findings: Iterable[AnyFinding]) -> str:
     return "PASS"
 
 
+def gates(finding: AnyFinding, fail_on: str) -> bool:
+    """Whether this finding alone makes the exit code 1: a fail or error at least as severe as `fail_on`."""
+    return fail_on != NEVER and _get(finding, "status") in BLOCKING and SEVERITY_RANK[_get(finding, "severity")] >= SEVERITY_RANK[fail_on]
+
+
 def exit_code(findings: Iterable[AnyFinding], fail_on: str) -> int:
     """1 when a fail or error finding is at least as severe as `fail_on` (a severity or `never`), else 0."""
-    if fail_on == NEVER:
-        return 0
-    limit = SEVERITY_RANK[fail_on]
-    return int(any(_get(f, "status") in BLOCKING and SEVERITY_RANK[_get(f, "severity")] >= limit for f in findings))
+    return int(any(gates(f, fail_on) for f in findings))
+
+
+def gate(findings: Sequence[AnyFinding], fail_on: str) -> dict[str, Any]:
+    """What the CI gate decided, as results.json records it once for JUnit, the CLI and the report:
+    `fail_on`, the exit code, the findings that decided it (rule and scope), and counts by status (all
+    findings) and by severity (the findings that need attention: error, fail, warn)."""
+    attention = [f for f in findings if _get(f, "status") in ATTENTION]
+    return {
+        "fail_on": fail_on,
+        "exit_code": exit_code(findings, fail_on),
+        "gating": [{"rule": _get(f, "rule"), "scope": _get(f, "scope")} for f in findings if gates(f, fail_on)],
+        "counts": {
+            "by_status": {s.value: n for s, n in count_by_status(findings).items()},
+            "by_severity": {s.value: sum(1 for f in attention if _get(f, "severity") == s) for s in SEVERITY_ORDER},
+        },
+    }
 
 
 def count_by_status(findings: Iterable[AnyFinding], statuses: Sequence[Status] = STATUS_ORDER) -> dict[Status, int]:

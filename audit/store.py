@@ -29,7 +29,7 @@ import pandas as pd
 
 from audit.errors import InputError
 
-SCHEMA_VERSION = "1.1"  # 1.1: probes.arrays, consumes, detail_samples; info findings; bound; model.taps
+SCHEMA_VERSION = "1.2"  # 1.1: probes.arrays, consumes, detail_samples; info findings; bound; model.taps. 1.2: gate
 _UMASK = os.umask(0o022)
 os.umask(_UMASK)
 RESULTS = "results.json"
@@ -258,6 +258,7 @@ class RunRecord:
     findings: list[dict[str, Any]]
     thumbnails: dict[str, str]
     provenance: dict[str, Any]
+    gate: dict[str, Any]
 
     def as_dict(self) -> dict[str, Any]:
         t = self.times
@@ -276,6 +277,7 @@ class RunRecord:
                 "profile": self.profile,
                 "sample_images": self.sample_images,
             },
+            "gate": self.gate,
             "model": self.model,
             "manifest": self.manifest,
             "preprocessing": self.preprocessing,

@@ -208,10 +208,11 @@ def test_rules_list_and_probes(capsys: pytest.CaptureFixture[str]) -> None:
 def test_junit_has_one_case_per_finding(torch_run) -> None:  # type: ignore[no-untyped-def]
     import xml.etree.ElementTree as ET
 
-    suite = ET.parse(torch_run.out / "junit.xml").getroot()
-    cases = suite.findall("testcase")
+    suites = ET.parse(torch_run.out / "junit.xml").getroot()
+    cases = [case for suite in suites for case in suite.findall("testcase")]
     assert len(cases) == len(torch_run.results["findings"])
-    assert int(suite.get("skipped")) == sum(f["status"] in ("skipped", "waived") for f in torch_run.results["findings"])
+    gate = torch_run.results["gate"]
+    assert int(suites.get("failures")) + int(suites.get("errors")) == len(gate["gating"]) and torch_run.code == gate["exit_code"]
 
 
 def test_classes_count_must_match_model(capsys: pytest.CaptureFixture[str], dataset, tmp_path) -> None:  # type: ignore[no-untyped-def]
@@ -260,3 +261,20 @@ def test_rules_check_refuses_a_misspelled_metric_naming_file_key_and_closest(tmp
     assert err.strip() == f"model-audit: error: {bad}: metric: 'predictions.recal' is not declared by any probe (closest: predictions.recall)"
     code, out, _ = run_cli(["rules", "check", *map(str, builtin_rule_files())], capsys)
     assert code == 0 and out.count("valid") == len(builtin_rule_files())
+
+
+def test_probes_listing_comes_from_the_declarations(capsys: pytest.CaptureFixture[str]) -> None:
+    from audit.probes.registry import all_probes
+
+    assert main(["probes"]) == 0
+    out = capsys.readouterr().out
+    for name, cls in all_probes().items():
+        for field_name, field in cls.Params.model_fields.items():
+            assert field.description, f"{name}.{field_name} has no description"
+        for field_name, values in {f: {p: d[f] for p, d in cls.profile_defaults.items() if f in d} for f in cls.Params.model_fields}.items():
+            if values:  # a parameter a profile changes shows every profile's value
+                line = next(line for line in out.splitlines() if line.startswith(f"  param {field_name}:") and "smoke" in line)
+                assert all(p in line for p in ("smoke", "standard", "thorough")), line
+    attribution = out[out.index("\nattribution:"): out.index("\nocclusion:")]
+    assert "nothing beyond a forward pass" not in attribution and "uses integrated_gradients: gradients" in attribution
+    assert "without gradients: feature_ablation, kernel_shap" in attribution

@@ -140,6 +140,12 @@ class Attribution(Probe):
         ), keys=("method",)),
     )
 
+    @classmethod
+    def capability_uses(cls) -> list[str]:
+        lines = [f"{name}: {', '.join(sorted(c.value for c in spec.requires)) or 'a forward pass'}" for name, spec in METHODS.items()]
+        fallback = ", ".join(fallback_methods())
+        return [*lines, f"without gradients: {fallback} through the model's own runtime (the gradient methods are listed as not run)"]
+
     def map(self, batch, taps: Taps) -> pd.DataFrame:  # type: ignore[no-untyped-def]
         rows = sample_rows(batch, taps, self.context.classes)
         return rows.assign(target=rows["pred"])  # attributions explain the predicted class

@@ -240,6 +240,12 @@ class Probe(ABC):
             raise ContractError(f"{cls.name} writes table {name!r}, which it does not declare in `provides`")
         return spec
 
+    @classmethod
+    def capability_uses(cls) -> list[str]:
+        """What the probe does with model capabilities beyond `requires` when the model has them, and
+        what it does without (for `model-audit probes`); empty: a forward pass is all it uses."""
+        return []
+
     def taps(self) -> frozenset[str]:
         """What the probe needs from the shared forward pass besides the output ("embedding",
         "layer:NAME"); may depend on its parameters. The plan checks the adapter serves them."""

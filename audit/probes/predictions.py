@@ -35,9 +35,9 @@ _RUN_SCOPES = ("global", "domain")
 
 class PredictionsParams(ProbeParams):
     bootstrap: int = Field(default=1000, ge=0, description="bootstrap replicates for confidence intervals")
-    confidence_level: float = Field(default=0.95, gt=0, lt=1)
-    ece_bins: int = Field(default=15, ge=2, le=100)
-    histogram_bins: int = Field(default=20, ge=2, le=100)
+    confidence_level: float = Field(default=0.95, gt=0, lt=1, description="level of the bootstrap intervals")
+    ece_bins: int = Field(default=15, ge=2, le=100, description="equal-width confidence bins of the calibration error and reliability diagram")
+    histogram_bins: int = Field(default=20, ge=2, le=100, description="bins of the confidence histogram")
 
 
 def most_confident_mistakes(rows: pd.DataFrame, n: int) -> list[str]:
