@@ -38,11 +38,16 @@ class RunOutcome:
     render_error: str | None = None
 
 
-def _progress_factory(quiet: bool):  # type: ignore[no-untyped-def]
+def _progress_factory(say: Callable[[str], None] | None):  # type: ignore[no-untyped-def]
+    """Bars for the per-sample stages, each announced by a stage line first: tqdm draws nothing when
+    stderr is not a terminal (a CI log), and the line still says what the run is doing."""
     from tqdm.auto import tqdm
 
     def make(**kwargs: Any):  # type: ignore[no-untyped-def]
-        return tqdm(disable=True if quiet else None, leave=False, dynamic_ncols=True, **kwargs)
+        if say is not None:
+            total, unit = kwargs["total"], kwargs.get("unit", "item")
+            say(f"{kwargs.get('desc', 'working')}: {total} {unit}{'' if total == 1 else 's'}")
+        return tqdm(disable=True if say is None else None, leave=False, dynamic_ncols=True, **kwargs)
 
     return make
 
@@ -81,6 +86,8 @@ def _audit_into(folder: RunFolder, config: AuditConfig, registry: dict[str, type
     from audit.provenance import environment
     from audit.rules.catalogue import check_waivers
 
+    say = stage_lines(config.quiet) or (lambda line: None)
+    say(f"loading the model ({config.model})")
     model, model_seconds = load_audited_model(config, manifest)
     prep = Preprocessing.create(model.input_spec.size, model.input_spec.channels, config.mean, config.std,  # type: ignore[arg-type]
                                 config.max_image_pixels)
@@ -92,7 +99,7 @@ def _audit_into(folder: RunFolder, config: AuditConfig, registry: dict[str, type
     store.prepare()
     context = RunContext(manifest=manifest, model=model, classes=classes, prep=prep, interpretation=interpretation,
                          seed=config.seed, profile=config.profile, sample_images=config.sample_images,
-                         reference_domain=config.reference_domain, progress=_progress_factory(config.quiet),
+                         reference_domain=config.reference_domain, progress=_progress_factory(stage_lines(config.quiet)),
                          batch_size=config.batch_size)
     plan = build_plan(selection, registry, context, first)
     executor = LocalExecutor(context, store, plan, config.workers, on_skip=manifest.skip, chunk_samples=config.chunk_samples,
@@ -100,14 +107,13 @@ def _audit_into(folder: RunFolder, config: AuditConfig, registry: dict[str, type
     outcomes = executor.run()
 
     metrics = {**run_metrics(manifest), **{k: v for o in outcomes.values() if o.evidence for k, v in o.evidence.metrics.items()}}
-    say = stage_lines(config.quiet)
-    if say is not None:
-        say(f"judging {len(rules)} rules")
+    say(f"judging {len(rules)} rules")
     findings = evaluate_rules(rules, metrics, store, outcomes, declared, config.waivers)
     thumbnails: dict[str, str] = {}
     if config.sample_images:
         from audit.thumbnails import write_thumbnails
 
+        say("writing thumbnails of the findings' evidence")
         by_id = {s.id: s for s in manifest.samples}
         thumbnails = write_thumbnails([by_id[i] for i in thumbnail_ids(findings, outcomes) if i in by_id], prep, store)
 
@@ -147,7 +153,7 @@ def evaluate_rules(rules: list[Any], metrics: dict[str, float], store: RunStore,
     from audit.rules.engine import ProbeState, RuleEngine
 
     states = {name: ProbeState(o.status, o.error or o.reason) for name, o in outcomes.items()}
-    engine = RuleEngine(metrics, store.read_table, states, declared.owner)
+    engine = RuleEngine(metrics, store.read_table, states, declared.owner, {n: s.unit for n, s in declared.metrics.items()})
     return sort_findings([f.model_dump(mode="json") for f in engine.evaluate(rules, waivers)])
 
 

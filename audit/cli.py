@@ -222,9 +222,9 @@ def _cmd_rules(args: argparse.Namespace) -> int:
 
 
 def _threshold_lines(rule: Any, template: str) -> list[str]:
-    from audit.rules.engine import threshold_text
+    from audit.rules.engine import confirmation_text, threshold_text
 
-    return [template.format(status=t.status, severity=t.severity, limit=threshold_text(t.op, t.value, bound=t.bound))
+    return [template.format(status=t.status, severity=t.severity, limit=threshold_text(t.op, t.value, bound=t.bound) + confirmation_text(t))
             for t in rule.thresholds or ()]
 
 
@@ -249,31 +249,53 @@ def rules_markdown(rules: Sequence[Any]) -> str:
 
 
 def _cmd_probes(_: argparse.Namespace) -> int:
+    from audit.probes.registry import all_probes
+
+    print("\n".join(probe_listing(all_probes())))
+    return EXIT_OK
+
+
+def probe_listing(registry: dict[str, Any]) -> list[str]:
+    """`model-audit probes`, generated from each probe's declarations: what it needs and uses, what it
+    reads, writes and measures, and every parameter with its default in every profile."""
     from typing import get_args
 
     from audit.config import Profile
-    from audit.probes.registry import all_probes
 
     profiles = get_args(Profile)
-    for name, cls in all_probes().items():
+    lines = []
+    for name, cls in registry.items():
         uses = cls.capability_uses()
-        needs = ", ".join(sorted(c.value for c in cls.requires)) or ("a forward pass; each method below uses what it lists when the model has it" if uses else "nothing beyond a forward pass")
-        print(f"{name}: {cls.title} (needs {needs})")
-        for line in uses:
-            print(f"  uses {line}")
+        needs = ", ".join(sorted(c.value for c in cls.requires)) or (
+            "a forward pass; its methods use more when the model has it" if uses else "nothing beyond a forward pass")
+        lines.append(f"{name}: {cls.title} (needs {needs})")
+        if uses:
+            lines.append("  methods, and what each uses:")
+            lines.extend(f"    {line}" for line in uses)
         if cls.consumes:
-            print(f"  reads: {', '.join(c.table + (' (optional)' if c.optional else '') for c in cls.consumes)}")
+            lines.append(f"  reads: {', '.join(c.table + (' (optional)' if c.optional else '') for c in cls.consumes)}")
         for table in cls.provides:
             columns = f": {', '.join(c.name for c in table.columns)}" if table.columns else ""
-            print(f"  writes {table.name} ({table.stage} stage, {'arrays' if table.kind == 'array' else 'rows'}){columns}")
+            lines.append(f"  writes {table.name} ({table.stage} stage, {'arrays' if table.kind == 'array' else 'rows'}){columns}")
         for metric in cls.metrics:
-            print(f"  metric {metric.name} [{', '.join(metric.scopes)}; {metric.unit}]: {metric.meaning}")
+            lines.append(f"  metric {metric.name} [{', '.join(metric.scopes)}; {metric.unit}]: {metric.meaning}")
         per_profile = {p: cls.make_params(p, {}) for p in profiles}
         for field_name, field in cls.Params.model_fields.items():
-            values = {p: getattr(params, field_name) for p, params in per_profile.items()}
-            shown = str(values[profiles[0]]) if len({repr(v) for v in values.values()}) == 1 else ", ".join(f"{p} {v}" for p, v in values.items())
-            print(f"  param {field_name}: {field.description} (default {shown})")
-    return EXIT_OK
+            values = {p: _param_value(getattr(params, field_name)) for p, params in per_profile.items()}
+            if len(set(values.values())) == 1:
+                shown = f"{values[profiles[0]]} in every profile"
+            else:
+                shown = "; ".join(f"{p}: {v}" for p, v in values.items())
+            lines.append(f"  param {field_name}: {field.description} (default {shown})")
+    return lines
+
+
+def _param_value(value: Any) -> str:
+    if value is None:
+        return "unset"
+    if isinstance(value, (list, tuple)):
+        return ", ".join(map(str, value))
+    return str(value)
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:

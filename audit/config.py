@@ -6,6 +6,7 @@ The config is saved verbatim into results.json, so a run says exactly what it ch
 from __future__ import annotations
 
 import datetime as dt
+import os
 from pathlib import Path
 from typing import Any, Literal
 
@@ -235,7 +236,7 @@ def _absolute(base: Path, value: str, allow_factory: bool = False) -> str:
             return f"{_absolute(base, module)}:{factory}"
         return value
     p = Path(value).expanduser()
-    return str(p if p.is_absolute() else base / p)
+    return str(p) if p.is_absolute() else os.path.normpath(base / p)  # `out: ../demo` names the folder, not a detour
 
 
 def read_classes_file(path: Path | str) -> list[str]:

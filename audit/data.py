@@ -30,6 +30,7 @@ class Preprocessing:
     mean: tuple[float, ...]
     std: tuple[float, ...]
     max_pixels: int = MAX_IMAGE_PIXELS  # per input file, checked on its header before decoding
+    stated: bool = False  # mean or std came from the user (flags or config); else the defaults were assumed
 
     @classmethod
     def create(
@@ -50,7 +51,8 @@ class Preprocessing:
                                  f"so give 1 or {channels} values, not {len(values)}")
             return tuple(float(v) for v in values)
 
-        return cls(tuple(input_size), channels, expand(mean, 0.0, "mean"), expand(std, 1.0, "std"), max_pixels)  # type: ignore[arg-type]
+        return cls(tuple(input_size), channels, expand(mean, 0.0, "mean"), expand(std, 1.0, "std"), max_pixels,  # type: ignore[arg-type]
+                   stated=mean is not None or std is not None)
 
     def normalise(self, x: np.ndarray) -> np.ndarray:
         """(x - mean) / std over the channel axis of a CHW or NCHW array."""
@@ -66,7 +68,8 @@ class Preprocessing:
         return (x * std + mean).astype(np.float32, copy=False)
 
     def describe(self) -> dict[str, object]:
-        return {"input_size": list(self.input_size), "channels": self.channels, "mean": list(self.mean), "std": list(self.std)}
+        return {"input_size": list(self.input_size), "channels": self.channels, "mean": list(self.mean), "std": list(self.std),
+                "stated": self.stated}
 
 
 def _pil_to_array(img: Image.Image) -> np.ndarray:

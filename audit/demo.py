@@ -14,6 +14,7 @@ Everything is seeded, so the same seed gives byte-identical files.
 from __future__ import annotations
 
 import csv
+import os
 import time
 import warnings
 from collections.abc import Sequence
@@ -24,6 +25,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
+import yaml
 from PIL import Image
 from scipy.ndimage import gaussian_filter
 from torch import nn
@@ -478,11 +480,12 @@ def demo_inputs(out: Path) -> Path:
 def run_demo(out: Path, seed: int = 0, profile: str = "standard", quiet: bool = False) -> RunOutcome:
     """Generate the data, train, export to ONNX and audit the ONNX model into `out`.
 
-    `<out>-inputs/data` holds the data set, `<out>-inputs/model` the state dict and the ONNX file.
-    The audit never fails the command (fail_on="never"): finding problems is the demo's point.
+    `<out>-inputs/data` holds the data set, `<out>-inputs/model` the state dict and the ONNX file,
+    `<out>-inputs/audit.yaml` the config the audit runs from. The audit never fails the command
+    (fail_on="never"): finding problems is the demo's point.
     """
     from audit.api import run_audit
-    from audit.config import build_config
+    from audit.config import build_config, read_config_file
 
     out = Path(out)
     inputs = demo_inputs(out)
@@ -500,19 +503,38 @@ def run_demo(out: Path, seed: int = 0, profile: str = "standard", quiet: bool = 
     onnx_path = export_onnx(model, inputs / "model" / "demo.onnx", tuple(data.audit.images.shape[1:3]))  # type: ignore[arg-type]
 
     clock = time.perf_counter()
-    config = build_config({}, {
-        "model": onnx_path,
-        "manifest": data.audit_manifest,
-        "classes": list(data.classes),
-        "mean": list(MEAN),
+    config_path = write_config(inputs, onnx_path, data, out, profile, seed)
+    config = build_config(read_config_file(config_path), {"quiet": quiet}, source=str(config_path))
+    outcome = run_audit(config)
+    say(f"audited {onnx_path} in {time.perf_counter() - clock:.1f}s, as {config_path} says "
+        f"(`model-audit run --config {config_path}` repeats it)")
+    return outcome
+
+
+def write_config(inputs: Path, model: Path, data: DemoData, out: Path, profile: str, seed: int) -> Path:
+    """The audit.yaml the demo runs from, beside its data and model: what a user's own first audit
+    looks like, preprocessing stated. Paths are relative to the file, so the folder can move."""
+    def relative(path: Path) -> str:
+        return os.path.relpath(Path(path).resolve(), inputs.resolve())
+
+    values = {
+        "model": relative(model),
+        "manifest": relative(data.audit_manifest),
+        "classes": relative(data.classes_file),
+        "input_size": list(data.audit.images.shape[1:3]),
+        "channels": 3,
+        "mean": list(MEAN),  # the model was trained on (pixels - 0.5) / 0.5: without these it is audited at [0, 1]
         "std": list(STD),
-        "out": out,
         "profile": profile,
         "seed": seed,
-        "quiet": quiet,
-        "fail_on": "never",
+        "out": relative(out),
+        "fail_on": "never",  # finding problems is the demo's point; a real audit keeps the default, high
         "model_card": model_card(data, seed),
-    }, source="demo")
-    outcome = run_audit(config)
-    say(f"audited {onnx_path} in {time.perf_counter() - clock:.1f}s")
-    return outcome
+    }
+    path = inputs / "audit.yaml"
+    header = ("# Written by `model-audit demo`; `model-audit run --config audit.yaml` repeats its audit. The model was\n"
+              "# trained on (pixels - 0.5) / 0.5: without mean and std it would be audited at [0, 1], and fail the\n"
+              "# preprocessing-mismatch check.\n")
+    body = yaml.safe_dump(values, sort_keys=False, allow_unicode=True, width=100, default_flow_style=None)
+    path.write_text(header + body, encoding="utf-8")
+    return path

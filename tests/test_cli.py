@@ -268,13 +268,72 @@ def test_probes_listing_comes_from_the_declarations(capsys: pytest.CaptureFixtur
 
     assert main(["probes"]) == 0
     out = capsys.readouterr().out
+    sections = {}
+    for line in out.splitlines():
+        if not line.startswith(" "):
+            sections[line.split(":")[0]] = []
+        sections[next(reversed(sections))].append(line)
+    assert list(sections) == list(all_probes())
     for name, cls in all_probes().items():
-        for field_name, field in cls.Params.model_fields.items():
-            assert field.description, f"{name}.{field_name} has no description"
-        for field_name, values in {f: {p: d[f] for p, d in cls.profile_defaults.items() if f in d} for f in cls.Params.model_fields}.items():
-            if values:  # a parameter a profile changes shows every profile's value
-                line = next(line for line in out.splitlines() if line.startswith(f"  param {field_name}:") and "smoke" in line)
-                assert all(p in line for p in ("smoke", "standard", "thorough")), line
-    attribution = out[out.index("\nattribution:"): out.index("\nocclusion:")]
-    assert "nothing beyond a forward pass" not in attribution and "uses integrated_gradients: gradients" in attribution
-    assert "without gradients: feature_ablation, kernel_shap" in attribution
+        params = [line for line in sections[name] if line.startswith("  param ")]
+        assert [line.split(":")[0] for line in params] == [f"  param {f}" for f in cls.Params.model_fields]
+        for line, field in zip(params, cls.Params.model_fields.values(), strict=True):
+            assert field.description and f": {field.description} (default " in line, f"{name}: {line}"
+            assert line.endswith(" in every profile)") or all(f"{p}: " in line for p in ("smoke", "standard", "thorough")), line
+    assert ("  param bootstrap: bootstrap replicates for confidence intervals (default smoke: 200; standard: 1000; thorough: 2000)"
+            in sections["predictions"])
+    assert "  param confidence_level: level of the bootstrap intervals (default 0.95 in every profile)" in sections["predictions"]
+    attribution = "\n".join(sections["attribution"])
+    assert attribution.startswith("attribution: Attributions (needs a forward pass; its methods use more when the model has it)")
+    assert "    integrated_gradients: gradients\n" in attribution and "    guided_backprop: gradients, hooks, relu_modules\n" in attribution
+    assert "    without gradients: feature_ablation, kernel_shap" in attribution
+    assert ("(default smoke: saliency, gradient_x_input, integrated_gradients, gradcam, guided_backprop, deconvolution; "
+            "standard: unset; thorough: unset)") in attribution
+
+
+def test_a_run_says_each_stage_then_the_gate_the_preprocessing_and_the_files(capsys: pytest.CaptureFixture[str], dataset,  # type: ignore[no-untyped-def]
+                                                                             tmp_path) -> None:
+    out = tmp_path / "o"
+    model = f"{dataset.model_py}:build"
+    code = main(["run", "--model", model, "--weights", str(dataset.weights), "--manifest", str(dataset.manifest),
+                 "--classes", str(dataset.classes_file), "--probes", "predictions", "--profile", "smoke", "--fail-on", "never",
+                 "--out", str(out)])
+    captured = capsys.readouterr()
+    results = json.loads((out / "results.json").read_text())
+    stages = [line for line in captured.err.splitlines() if line.startswith("model-audit: ")]
+    passed = int(stages[1].removeprefix("model-audit: forward pass: ").removesuffix(" samples"))
+    assert results["manifest"]["samples"] <= passed <= results["manifest"]["rows"]  # rows the manifest check let through
+    assert stages == [f"model-audit: loading the model ({model})", f"model-audit: forward pass: {passed} samples",
+                      f"model-audit: judging {len(results['rules'])} rules", "model-audit: writing thumbnails of the findings' evidence",
+                      "model-audit: rendering the report (figures and sample images)",
+                      "model-audit: writing report.pdf (the longest step of rendering)", "model-audit: writing junit.xml"]
+    lines = captured.out.splitlines()
+    assert code == results["gate"]["exit_code"] == 0
+    assert "preprocessing: mean 0, std 1 on pixels in [0, 1] (assumed: no --mean/--std was given)" in lines
+    assert "gate: fail_on never: exit code 0" in lines
+    assert lines[-4:] == [f"html: {out / 'report.html'}", f"pdf: {out / 'report.pdf'}", f"junit: {out / 'junit.xml'}",
+                          f"results: {out / 'results.json'}"]
+
+
+def test_the_summary_reads_the_saved_gate_and_says_stated_preprocessing(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    from types import SimpleNamespace
+
+    from audit.cli import _print_summary
+    from audit.findings import gate
+
+    findings = [{"rule": "accuracy-floor", "scope": "global", "status": "fail", "severity": "high", "message": "accuracy 40%"},
+                {"rule": "calibration-error", "scope": "global", "status": "warn", "severity": "medium", "message": "ECE 9%"}]
+    results = {"findings": findings, "gate": gate(findings, "high"), "run": {"verdict": "FAIL", "fail_on": "high"},
+               "model": {"fingerprint": "0123456789abcdef" * 4}, "manifest": {"skipped": []},
+               "preprocessing": {"mean": [0.5, 0.5, 0.5], "std": [0.25, 0.5, 0.5], "stated": True, "inferred": None}}
+    _print_summary(SimpleNamespace(results=results, reports={"html": tmp_path / "report.html"}, out=tmp_path))
+    assert capsys.readouterr().out.splitlines() == [
+        "preprocessing: mean 0.5, std 0.25 0.5 0.5 on pixels in [0, 1] (as given)",
+        "model fingerprint: 0123456789abcdef",
+        "verdict: FAIL (1 fail, 1 warn)",
+        "gate: fail_on high: exit code 1 (1 finding(s) at high or above)",
+        "  FAIL  high     accuracy-floor [global]: accuracy 40%",
+        "  WARN  medium   calibration-error [global]: ECE 9%",
+        f"html: {tmp_path / 'report.html'}",
+        f"results: {tmp_path / 'results.json'}",
+    ]

@@ -24,7 +24,7 @@ from audit.findings import (
 )
 from audit.metrics.declarations import ColumnSpec, Declarations, MetricSpec, TableSpec
 from audit.rules.catalogue import FORMAT_GUIDE, builtin_rule_files, load_catalogue
-from audit.rules.engine import ProbeState, RuleEngine, render_message, threshold_text
+from audit.rules.engine import ProbeState, RuleEngine, confirmation_text, render_message, threshold_text
 from audit.rules.schema import check_rules, load_rule_file, parse_rule
 
 
@@ -259,11 +259,15 @@ def _golden_findings(root: Path) -> tuple[list[dict[str, Any]], list[dict[str, A
         return pd.read_parquet(path) if path.exists() else None
 
     states = {name: ProbeState(p["status"], p.get("error") or p.get("reason")) for name, p in results["probes"].items()}
-    rules = load_catalogue()
     stored = {r["id"]: {k: v for k, v in r.items() if k != "source"} for r in results["rules"]}
+    # A rule at the version the run recorded must be the same rule and judge the same; a rule whose
+    # version rose since (or that is new) was changed on purpose and is tested on its own.
+    rules = [r for r in load_catalogue() if r.id in stored and stored[r.id].get("version", 1) == r.version]
+    assert len(rules) >= 3
     assert [{k: v for k, v in r.public_dict().items() if k != "source"} for r in rules] == [stored[r.id] for r in rules]
     found = RuleEngine(results["metrics"], table, states).evaluate(rules)
-    return sort_findings([f.model_dump(mode="json") for f in found]), results["findings"]
+    kept = {r.id for r in rules}
+    return sort_findings([f.model_dump(mode="json") for f in found]), [f for f in results["findings"] if f["rule"] in kept]
 
 
 @pytest.mark.parametrize("run", ["golden-demo-smoke", "run-schema-1.0"])
@@ -347,7 +351,7 @@ GAPS = {
     "predictions.accuracy_gap@domain:lab": 0.09, "predictions.accuracy_gap@domain:lab:n": 40,
     "predictions.accuracy@domain:data": 0.81, "predictions.accuracy@domain:data:n": 40,
     "predictions.accuracy@domain:field": 0.8, "predictions.accuracy@domain:field:n": 40,
-    "predictions.convention": 1.0, "predictions.convention:n": 100,
+    "predictions.naming": 1.0, "predictions.convention:n": 100,
 }
 
 
@@ -377,9 +381,9 @@ def test_thresholds_can_judge_an_interval_bound() -> None:
 
 
 def test_values_and_interval_bounds_fill_message_and_remedy() -> None:
-    spec = gap_rule(values={"accuracy": "predictions.accuracy", "convention": "predictions.convention", "gap_lo": "predictions.accuracy_gap:lo"},
+    spec = gap_rule(values={"accuracy": "predictions.accuracy", "naming": "predictions.naming", "gap_lo": "predictions.accuracy_gap:lo"},
                     message="{domain}: {value:.0%} [{lo:.0%}, {hi:.0%}] lo again {gap_lo:.0%}, accuracy {accuracy:.0%}",
-                    remedy="use convention {convention:.0f} on {domain}")
+                    remedy="use convention {naming:.0f} on {domain}")
     findings = {f.scope: f for f in RuleEngine(GAPS, lambda _: None, OK).evaluate([spec])}
     assert findings["domain:data"].message == "data: 8% [6%, 10%] lo again 6%, accuracy 81%"
     assert findings["domain:data"].remedy == "use convention 1 on data"  # a run-level metric is quoted at any scope
@@ -442,7 +446,15 @@ def test_loaders_check_when_given_declarations(tmp_path: Path) -> None:
     full = Declarations(metrics={**DECLARED.metrics}, columns={**DECLARED.columns}, owner={**DECLARED.owner})
     for spec in load_catalogue():  # declare whatever the bundled rules read that DECLARED lacks
         if not spec.aggregate.stat and spec.metric not in full.metrics:
-            full.add(spec.probe, [MetricSpec(spec.metric, spec.aggregate.kinds, "number", "x")])
+            full.add(spec.probe, [MetricSpec(spec.metric, spec.aggregate.kinds, "number", "x",
+                                             interval=any(t.bound for t in spec.thresholds or ()))])
+        for ref in (spec.values or {}).values():
+            name = ref.partition(":")[0]
+            if name not in full.metrics:
+                full.add(name.split(".")[0], [MetricSpec(name, ("global", *spec.aggregate.kinds), "number", "x", interval=True)])
+        for confirmation in (c for t in spec.thresholds or () for c in t.confirmed_by or ()):
+            if confirmation.metric not in full.metrics:
+                full.add(confirmation.metric.split(".")[0], [MetricSpec(confirmation.metric, spec.aggregate.kinds, "points", "x", interval=True)])
         for ref in ([spec.metric] if spec.aggregate.stat else []) + ([spec.evidence.column] if spec.evidence else []):
             table, _, column = ref.partition(".")
             full.add(table, tables=[TableSpec(table, "map", "t", (ColumnSpec(column, "number", "c"),))])
@@ -482,7 +494,7 @@ def test_the_format_guide_example_is_a_valid_rule() -> None:
     check_rules([spec], DECLARED)
     assert [t.status for t in spec.thresholds] == ["fail", "warn", "info"] and spec.thresholds[0].bound == "lo"
     findings = {f.scope: f for f in RuleEngine(GAPS, lambda _: None, OK).evaluate([spec])}
-    assert findings["domain:data"].message == "data: accuracy 81.0%, 8.0% below the reference domain's (interval 6.0% to 10.0%)"
+    assert findings["domain:data"].message == "data: accuracy 81.0%, 8.0 points below the reference domain's (interval 6.0 points to 10.0 points)"
 
 
 def test_rule_listings_show_the_new_keys(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
@@ -655,7 +667,7 @@ def test_check_waivers_refuses_unknown_rules_and_impossible_scopes() -> None:
         (_waiver(rule="class-recal-floor"), None, None, "config key 'waivers.1.rule': no rule 'class-recal-floor' (closest: class-recall-floor"),
         (_waiver(rule="calibration-error", scope="global"), None, None, "config key 'waivers.1.rule': rule 'calibration-error' is switched off"),
         (_waiver(scope="domain:data"), None, None,
-         "config key 'waivers.1.scope': rule 'class-recall-floor' is judged per class, so it has no finding at scope 'domain:data'"),
+         "config key 'waivers.1.scope': rule 'class-recall-floor' is judged per class, domain/class, so it has no finding at scope 'domain:data'"),
         (_waiver(rule="accuracy-floor"), None, None, "is judged per global, so it has no finding at scope 'class:fox'"),
         (_waiver(scope="class:foxx"), ["fox", "wolf"], None, "config key 'waivers.1.scope': 'foxx' is not one of the run's classes (closest: fox; classes: fox, wolf)"),
         (_waiver(rule="domain-accuracy-gap", scope="domain:lab"), ["fox"], ["data", "sim"], "'lab' is not a domain of the manifest (domains: data, sim)"),
@@ -731,3 +743,142 @@ def test_a_metric_that_is_not_a_number_is_an_error_not_a_pass() -> None:
     assert (finding.status, finding.severity, finding.value) == ("error", "high", None)
     assert finding.message == "global: predictions.accuracy is not a finite number in this run, so this rule cannot judge it " \
                               "(a gate must not pass on a value it cannot read)"
+
+
+# ---------------------------------------------------------------- per-domain scopes, confirmations, points
+
+
+def _bundled(rule_id: str):  # type: ignore[no-untyped-def]
+    return next(r for r in load_catalogue() if r.id == rule_id)
+
+
+def test_recall_and_calibration_are_judged_per_domain_too() -> None:
+    metrics = {**RECALLS, "predictions.ece": 0.09, "predictions.ece:n": 480, "predictions.ece@domain:data": 0.241,
+               "predictions.ece@domain:data:n": 240, "predictions.ece@domain:sim": 0.025, "predictions.ece@domain:sim:n": 240}
+    engine = RuleEngine(metrics, lambda _: None, OK)
+    recall = {f.scope: f for f in engine.evaluate([_bundled("class-recall-floor")])}
+    assert (recall["domain:data/class:wolf"].status, recall["domain:data/class:wolf"].severity) == ("fail", "high")
+    assert recall["domain:data/class:wolf"].message == "only 20.0% of the 30 samples of wolf on domain data are recognised (floor 50%)"
+    assert recall["class:wolf"].message == "only 40.0% of the 30 samples of wolf are recognised (floor 50%)"
+    assert recall["domain:sim/class:wolf"].status == "skipped"  # 5 samples, under min_support
+    ece = {f.scope: f for f in engine.evaluate([_bundled("calibration-error")])}
+    assert {s: f.status for s, f in ece.items()} == {"global": "warn", "domain:data": "fail", "domain:sim": "pass"}
+    assert ece["domain:data"].message.startswith("the expected calibration error is 24.1% on domain data: ")
+    assert ece["global"].message.startswith("the expected calibration error is 9.0%: ")
+
+
+CONFIRMED = [{"op": "gt", "value": 0.8, "status": "fail", "severity": "high", "confirmed_by": [
+    {"metric": "background.bg_gap", "bound": "lo", "op": "gt", "value": 0.10},
+    {"metric": "background.only_bg_excess", "bound": "lo", "op": "gt", "value": 0.10}]},
+    {"op": "gt", "value": 0.8, "status": "warn", "severity": "medium"}]
+COUNTERFACTUALS = {
+    "background.ratio@class:a": 1.47, "background.ratio@class:a:n": 40,  # no counterfactual backs it
+    "background.bg_gap@class:a": 0.0, "background.bg_gap@class:a:lo": 0.0, "background.bg_gap@class:a:hi": 0.0,
+    "background.only_bg_excess@class:a": 0.12, "background.only_bg_excess@class:a:lo": 0.02, "background.only_bg_excess@class:a:hi": 0.2,
+    "background.ratio@class:b": 0.84, "background.ratio@class:b:n": 40,  # the object-removed excess backs it
+    "background.bg_gap@class:b": 0.05, "background.bg_gap@class:b:lo": -0.02, "background.bg_gap@class:b:hi": 0.1,
+    "background.only_bg_excess@class:b": 0.82, "background.only_bg_excess@class:b:lo": 0.7, "background.only_bg_excess@class:b:hi": 0.9,
+    "background.ratio@class:c": 0.9, "background.ratio@class:c:n": 40,  # no counterfactual measured
+    "background.ratio@class:d": 0.5, "background.ratio@class:d:n": 40,
+}
+BACKGROUND_DECLARED = Declarations()
+BACKGROUND_DECLARED.add("background", [
+    MetricSpec("background.ratio", ("class",), "ratio", "ratio"),
+    MetricSpec("background.bg_gap", ("global", "class"), "points", "gap", interval=True),
+    MetricSpec("background.only_bg_excess", ("class",), "points", "excess", interval=True),
+    MetricSpec("background.still_predicted", ("class",), "percent", "still"),
+    MetricSpec("background.global_only", ("global",), "percent", "global"),
+])
+
+
+def confirmed_rule(**overrides: Any):  # type: ignore[no-untyped-def]
+    return rule(**{"metric": "background.ratio", "aggregate": {"per": "class"}, "thresholds": CONFIRMED,
+                   "message": "{class}: {value:.2f}x", "pass_message": "{class}: fine", **overrides})
+
+
+def test_a_threshold_applies_only_when_a_counterfactual_confirms_it() -> None:
+    engine = RuleEngine(COUNTERFACTUALS, lambda _: None, {"background": ProbeState("ok")},
+                        units={"background.bg_gap": "points", "background.only_bg_excess": "points"})
+    found = {f.scope: f for f in engine.evaluate([confirmed_rule()])}
+    assert {s: (f.status, f.threshold) for s, f in found.items()} == {
+        "class:a": ("warn", 0.8), "class:b": ("fail", 0.8), "class:c": ("warn", 0.8), "class:d": ("pass", 0.8)}
+    assert found["class:b"].message == "b: 0.84x; fail confirmed by background.only_bg_excess lower bound 70 points (needs > 10 points)"
+    assert found["class:a"].message == (
+        "a: 1.47x; fail only if a counterfactual confirms it, and none does: background.bg_gap lower bound 0 points "
+        "(needs > 10 points); background.only_bg_excess lower bound 2 points (needs > 10 points)")
+    assert "background.bg_gap lower bound n/a" in found["class:c"].message
+    assert found["class:d"].message == "b: fine".replace("b", "d")  # nothing crossed: no confirmation to report
+    quoted = {f.scope: f for f in engine.evaluate([confirmed_rule(message="{class} ({confirmation})")])}
+    assert quoted["class:b"].message.startswith("b (fail confirmed by background.only_bg_excess") and quoted["class:b"].message.endswith(")")
+    bare = {f.scope: f for f in RuleEngine(COUNTERFACTUALS, lambda _: None, {"background": ProbeState("ok")}).evaluate([confirmed_rule()])}
+    assert bare["class:b"].message.endswith("lower bound 0.7 (needs > 0.1)")  # without declared units: the numbers as they are
+    assert confirmed_rule().public_dict()["thresholds"][0]["confirmed_by"][0] == {
+        "metric": "background.bg_gap", "bound": "lo", "op": "gt", "value": 0.1}
+    assert "confirmed_by" not in confirmed_rule().public_dict()["thresholds"][1]
+    fail, warn = confirmed_rule().thresholds
+    assert confirmation_text(fail) == (" when confirmed by background.bg_gap lower bound > 0.1 "
+                                       "or background.only_bg_excess lower bound > 0.1") and confirmation_text(warn) == ""
+
+
+@pytest.mark.parametrize(
+    ("confirmation", "words"),
+    [
+        ({"metric": "background.bg_gapp", "bound": "lo"},
+         "thresholds.0.confirmed_by.0.metric: 'background.bg_gapp' is not declared by any probe (closest: background.bg_gap"),
+        ({"metric": "background.global_only"},
+         "thresholds.0.confirmed_by.0.metric: 'background.global_only' is not reported per class (it is per global)"),
+        ({"metric": "background.still_predicted", "bound": "lo"},
+         "thresholds.0.confirmed_by.0.bound: 'background.still_predicted' is declared without an interval"),
+    ],
+)
+def test_confirmations_are_checked_against_the_declarations(confirmation: dict[str, Any], words: str) -> None:
+    check_rules([confirmed_rule()], BACKGROUND_DECLARED)
+    thresholds = [{**CONFIRMED[0], "confirmed_by": [{"op": "gt", "value": 0.1, **confirmation}]}, CONFIRMED[1]]
+    with pytest.raises(RuleError) as exc:
+        check_rules([confirmed_rule(thresholds=thresholds)], BACKGROUND_DECLARED)
+    assert str(exc.value).startswith("test.yaml: ") and words in str(exc.value) and "\n" not in str(exc.value)
+
+
+@pytest.mark.parametrize(
+    ("confirmation", "key", "words"),
+    [
+        ([], "thresholds.0.confirmed_by", "at least 1 item"),
+        ([{"metric": "Gap", "op": "gt", "value": 0.1}], "thresholds.0.confirmed_by.0.metric", "pattern"),
+        ([{"metric": "background.bg_gap", "bound": "mid", "op": "gt", "value": 0.1}], "thresholds.0.confirmed_by.0.bound", "'lo' or 'hi'"),
+        ([{"metric": "background.bg_gap", "op": "gt", "value": float("nan")}], "thresholds.0.confirmed_by.0.value", "finite"),
+        ([{"metric": "background.bg_gap", "op": "between", "value": 0.1}], "thresholds.0.confirmed_by.0", "takes a list [low, high]"),
+        ([{"metric": "background.bg_gap", "op": "gt", "value": 0.1, "colour": "red"}], "thresholds.0.confirmed_by.0.colour", "unknown key"),
+    ],
+)
+def test_malformed_confirmations_name_their_key(confirmation: list[Any], key: str, words: str) -> None:
+    with pytest.raises(RuleError) as exc:
+        confirmed_rule(thresholds=[{**CONFIRMED[0], "confirmed_by": confirmation}, CONFIRMED[1]])
+    assert f"'{key}'" in str(exc.value) and words in str(exc.value), str(exc.value)
+    with pytest.raises(RuleError, match=r"key 'thresholds\.0': .*an info threshold judges nothing"):
+        confirmed_rule(thresholds=[{"op": "gt", "value": 1, "status": "info", "confirmed_by": CONFIRMED[0]["confirmed_by"]}])
+
+
+@pytest.mark.parametrize(("spec", "value", "text"), [(".0pt", 0.47, "47 points"), ("+.0pt", 0.47, "+47 points"),
+                                                     (".1pt", -0.081, "-8.1 points"), (".0pt", 0.01, "1 point"),
+                                                     ("+.0pt", -0.01, "-1 point"), (">4.0pt", 0.05, "   5 points")])
+def test_percentage_points_format(spec: str, value: float, text: str) -> None:
+    spec_rule = rule(message=f"{{value:{spec}}} (limit {{threshold:{spec}}})",
+                     thresholds=[{"op": "lt", "value": 0.9, "status": "fail", "severity": "high"}])
+    (finding,) = RuleEngine({"predictions.accuracy": value, "predictions.accuracy:n": 50}, lambda _: None, OK).evaluate([spec_rule])
+    assert finding.message == f"{text} (limit {render_message('{t:' + spec + '}', t=0.9)})"
+    assert render_message("{t:.0pt}", t=0.9) == "90 points" and render_message("{t:.0pt}", t=None) == "n/a"
+    with pytest.raises(RuleError, match="not a simple format spec"):
+        rule(message="{value:.0ptx}")
+
+
+def test_differences_of_shares_are_said_in_points() -> None:
+    metrics = {"background.bg_gap@class:wolf": 0.47, "background.bg_gap@class:wolf:n": 24,
+               "background.only_bg_excess@class:wolf": 0.438, "background.only_bg_excess@class:wolf:n": 24,
+               "predictions.accuracy_gap@domain:data": 0.2, "predictions.accuracy_gap@domain:data:n": 240}
+    engine = RuleEngine(metrics, lambda _: None, {"background": ProbeState("ok"), **OK})
+    messages = {f.rule: f.message for f in engine.evaluate([_bundled(r) for r in (
+        "background-swap-sensitivity", "prediction-without-object", "domain-accuracy-gap")])}
+    assert "accuracy drops by 47 points when" in messages["background-swap-sensitivity"] and "(limit 30 points; 24 samples)" in messages["background-swap-sensitivity"]
+    assert "still says wolf 44 points more often" in messages["prediction-without-object"] and "limit 40 points" in messages["prediction-without-object"]
+    assert messages["domain-accuracy-gap"] == "accuracy on data is 20.0 points below the reference domain's (240 samples; limit 10 points)"
+    assert not any("%" in m for m in messages.values())

@@ -49,6 +49,7 @@ def test_metric_names_follow_the_convention(torch_run) -> None:  # type: ignore[
         (lambda r: r.update(schema_version="2.0"), "schema_version 2.0 is not supported"),
         (lambda r: r["findings"][0].update(status="maybe"), "key 'findings/0/status'"),
         (lambda r: r["metrics"].update({"Bad Key": 1.0}), "key 'metrics'"),
+        (lambda r: r.pop("gate"), "'gate' is a required property"),
     ],
 )
 def test_damaged_results_are_refused_with_the_key(torch_run, tmp_path: Path, damage, words: str) -> None:  # type: ignore[no-untyped-def]
@@ -57,6 +58,18 @@ def test_damaged_results_are_refused_with_the_key(torch_run, tmp_path: Path, dam
     (tmp_path / "results.json").write_text(json.dumps(results))
     with pytest.raises(InputError, match=words.replace("(", r"\(").replace(")", r"\)")):
         load_results(tmp_path)
+
+
+def test_the_saved_gate_is_the_one_the_findings_give_and_older_runs_need_none(torch_run, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    from audit.findings import gate
+
+    results = json.loads(json.dumps(torch_run.results))
+    assert results["schema_version"] == "1.2" and results["gate"] == gate(results["findings"], results["run"]["fail_on"])
+    assert results["gate"]["exit_code"] == torch_run.code
+    del results["gate"]
+    results["schema_version"] = "1.1"
+    (tmp_path / "results.json").write_text(json.dumps(results))
+    assert load_results(tmp_path)[0] == results
 
 
 def test_not_json_and_not_a_run(tmp_path: Path) -> None:

@@ -1,6 +1,7 @@
 """Flat metric names: `<probe>.<metric>[@<scope>][:lo|:hi|:n]`, parseable without ambiguity.
 
-Scopes are `global`, `class:C`, `domain:D`, `domain:D/class:C`, `method:M`, `layer:L`, `pair:A->B`.
+Scopes are `global`, `class:C`, `domain:D`, `domain:D/class:C`, `method:M`, `layer:L`, `pair:A->B`,
+`convention:P` (a preprocessing convention).
 Values inside a scope are percent-escaped for the four reserved characters `% / : @`, so a class
 named "n/a" or "x:y" cannot be confused with the scope syntax or an interval suffix.
 """
@@ -10,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 SUFFIXES = ("lo", "hi", "n")
-SCOPE_KINDS = ("class", "domain", "method", "layer", "pair", "group")
+SCOPE_KINDS = ("class", "domain", "method", "layer", "pair", "group", "convention")
 _ESCAPES = {"%": "%25", "/": "%2F", ":": "%3A", "@": "%40"}
 
 
@@ -27,7 +28,7 @@ def unescape(value: str) -> str:
 
 def scope(**parts: str) -> str:
     """scope(domain="data", class_="wolf") -> 'domain:data/class:wolf' (order: domain, class, others)."""
-    order = ["domain", "class_", "method", "layer", "pair", "group"]
+    order = ["domain", "class_", "method", "layer", "pair", "group", "convention"]
     items = [(k.rstrip("_"), parts[k]) for k in order if parts.get(k) is not None]
     return "/".join(f"{kind}:{escape(value)}" for kind, value in items) if items else "global"
 

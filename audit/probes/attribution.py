@@ -67,7 +67,9 @@ DELETION_REFERENCE = ("Samek, Binder, Montavon, Lapuschkin, Müller. Evaluating 
 
 
 class AttributionProbeParams(ProbeParams):
-    methods: list[str] | None = Field(default=None, description="methods to run (default: all ten gradient methods; smoke: six)")
+    methods: list[str] | None = Field(default=None, description=(
+        "methods to run; unset: the ten gradient methods other than lrp. A model without gradients runs feature_ablation "
+        "and kernel_shap instead"))
     per_class: int = Field(default=64, ge=1, description="samples per class (true class, else prediction)")
     max_samples: int = Field(default=1024, ge=1, description="samples in all")
     ig_steps: int = Field(default=32, ge=2, description="Integrated Gradients steps")
@@ -76,7 +78,7 @@ class AttributionProbeParams(ProbeParams):
     shap_samples: int = Field(default=16, ge=1, description="samples per image for GradientSHAP")
     kernel_shap_samples: int = Field(default=200, ge=10, description="coalitions per image for KernelSHAP (fallback)")
     grid: int = Field(default=8, ge=2, description="cells per side for feature ablation and KernelSHAP (fallback)")
-    layer: str | None = Field(default=None, description="Grad-CAM layer (default: the last convolution)")
+    layer: str | None = Field(default=None, description="Grad-CAM layer; unset: the last convolution")
     batch_size: int = Field(default=32, ge=1, description="images explained together")
     internal_batch_size: int = Field(default=64, ge=1, description="most images in one forward/backward pass")
     deletion_steps: int = Field(default=16, ge=2, description="steps of the deletion curve (faithfulness)")

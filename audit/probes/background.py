@@ -21,6 +21,7 @@ import torch
 from pydantic import Field
 
 from audit.backgrounds import counterfactuals
+from audit.metrics.classification import Bootstrap, percentile_interval
 from audit.metrics.declarations import ColumnSpec, MetricSpec, TableSpec
 from audit.metrics.names import scope
 from audit.probes.base import (
@@ -155,11 +156,12 @@ class Background(Probe):
           for v, label in (("original", "original images"), ("only_bg_t", "background alone, object removed"),
                            ("mixed_same", "object on a background of its own class"),
                            ("mixed_rand", "object on a background of another class"))),
-        MetricSpec("background.bg_gap", ("global", "class"), "points", "mixed-same accuracy minus mixed-rand accuracy (Xiao et al.)"),
+        MetricSpec("background.bg_gap", ("global", "class"), "points", "mixed-same accuracy minus mixed-rand accuracy (Xiao et al.)",
+                   interval=True),
         MetricSpec("background.flip_rate", ("global", "class"), "percent", "correct predictions that change when the background is another class's"),
         MetricSpec("background.still_predicted", ("class",), "percent", "with the object removed, the class is still predicted"),
         MetricSpec("background.only_bg_excess", ("class",), "points",
-                   "still-predicted rate minus how often other classes' backgrounds alone are called this class"),
+                   "still-predicted rate minus how often other classes' backgrounds alone are called this class", interval=True),
     )
     provides = (
         TableSpec("background_swaps", "detail", "the model's answers on each swapped sample and the region Shapley values", (
@@ -380,6 +382,7 @@ class Background(Probe):
         names = self.context.classes
         groups = [(None, table), *table.groupby("class", sort=True)] if len(table) else []
         bg_only_calls = table.dropna(subset=["still_predicted"]) if "still_predicted" in table else table.iloc[:0]
+        intervals = counterfactual_intervals(table, names, self.context.seed) if "correct_original" in table else {}
         for cls, g in groups:
             s = scope(class_=cls)
             if "outside_ratio" in g:
@@ -396,7 +399,8 @@ class Background(Probe):
                     evidence.add(f"background.{variant}_accuracy", float(values.astype(float).mean()), s, len(values))
             same, rand = g["correct_mixed_same"].dropna(), g["correct_mixed_rand"].dropna()
             if len(same) and len(rand):
-                evidence.add("background.bg_gap", float(same.astype(float).mean() - rand.astype(float).mean()), s, min(len(same), len(rand)))
+                evidence.add("background.bg_gap", float(same.astype(float).mean() - rand.astype(float).mean()), s, min(len(same), len(rand)),
+                             intervals.get(cls, {}).get("bg_gap"))
             flips = g["flipped"].dropna()
             if len(flips):
                 evidence.add("background.flip_rate", float(flips.astype(float).mean()), s, len(flips))
@@ -405,7 +409,8 @@ class Background(Probe):
                 others = bg_only_calls[bg_only_calls["class"] != cls]
                 base = float((others["pred_only_bg_t"] == names.index(cls)).mean()) if len(others) else 0.0
                 evidence.add("background.still_predicted", float(still.astype(float).mean()), s, len(still))
-                evidence.add("background.only_bg_excess", float(still.astype(float).mean()) - base, s, len(still))
+                evidence.add("background.only_bg_excess", float(still.astype(float).mean()) - base, s, len(still),
+                             intervals.get(cls, {}).get("only_bg_excess"))
         for method, g in located.groupby("method", sort=True) if len(located) else []:
             ratio = g["outside_ratio"].dropna()
             if len(ratio):
@@ -559,3 +564,67 @@ def _judged(swaps: pd.DataFrame) -> pd.DataFrame:
     table.loc[(rand < 0) | ~ok_orig, "flipped"] = pd.NA
     table["still_predicted"] = table["correct_only_bg_t"]
     return table
+
+
+BOOTSTRAP_REPLICATES = 1000  # resamples behind the BG-gap and object-removed intervals
+INTERVAL_LEVEL = 0.95
+
+
+def _answers_of(table: pd.DataFrame, column: str) -> tuple[np.ndarray, np.ndarray]:
+    """(valid, correct) per row of a nullable boolean column: a missing variant counts for neither."""
+    values = table[column]
+    return values.notna().to_numpy(), values.fillna(False).astype(bool).to_numpy()
+
+
+def counterfactual_intervals(table: pd.DataFrame, classes: list[str], seed: int, replicates: int = BOOTSTRAP_REPLICATES,
+                             level: float = INTERVAL_LEVEL) -> dict[str | None, dict[str, tuple[float, float]]]:
+    """Percentile-bootstrap intervals of the BG-gap (None: over every class; and per class) and of
+    the object-removed excess (per class), from one set of resamples of the swapped samples.
+
+    A bootstrap over samples, not an interval for two independent proportions (Newcombe/Wilson):
+    the BG-gap's two accuracies are measured on the same objects, each pasted onto a background of
+    its own class and of another, so they are paired and positively correlated, and an interval that
+    treats them as independent comes out too wide to confirm anything. Newcombe's paired variant
+    needs one complete 2x2 table per scope, which samples without a valid swap break; resampling
+    whole samples keeps each object's answers together and handles those alike. The excess's two
+    rates come from disjoint samples (this class's empty backgrounds, other classes'), which the same
+    resamples treat as independent, as they are. Seeded with the run seed: the same run gives the
+    same bounds.
+    """
+    if table.empty or "correct_mixed_same" not in table:
+        return {}
+    labels = table["class"].astype(object).to_numpy()
+    same_valid, same_hit = _answers_of(table, "correct_mixed_same")
+    rand_valid, rand_hit = _answers_of(table, "correct_mixed_rand")
+    still_valid, still_hit = _answers_of(table, "still_predicted")
+    called = table["pred_only_bg_t"].to_numpy() if "pred_only_bg_t" in table else np.full(len(table), -1)
+    boot = Bootstrap(len(table), replicates if len(table) > 1 else 0, seed)
+    columns: dict[tuple[str | None, str], int] = {}
+    present = sorted({str(c) for c in labels if isinstance(c, str)})
+    for cls in [None, *present]:
+        member = np.ones(len(table), bool) if cls is None else labels == cls
+        for name, valid, hit in (("same", same_valid, same_hit), ("rand", rand_valid, rand_hit)):
+            columns[(cls, f"{name}_n")] = boot.add(member & valid)
+            columns[(cls, f"{name}_hit")] = boot.add(member & valid & hit)
+        if cls is not None and cls in classes:
+            others = ~member & still_valid
+            columns[(cls, "still_n")] = boot.add(member & still_valid)
+            columns[(cls, "still_hit")] = boot.add(member & still_valid & still_hit)
+            columns[(cls, "others_n")] = boot.add(others)
+            columns[(cls, "others_hit")] = boot.add(others & (called == classes.index(cls)))
+    sums = boot.replicate_sums()
+    if not len(sums):
+        return {}
+
+    def share(cls: str | None, name: str) -> np.ndarray:
+        hits, n = sums[:, columns[(cls, f"{name}_hit")]], sums[:, columns[(cls, f"{name}_n")]]
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return hits / n  # NaN where a resample drew none: percentile_interval leaves it out
+
+    out: dict[str | None, dict[str, tuple[float, float]]] = {}
+    for cls in [None, *present]:
+        out[cls] = {"bg_gap": percentile_interval(share(cls, "same") - share(cls, "rand"), level)}
+        if (cls, "still_n") in columns:
+            base = np.nan_to_num(share(cls, "others"), nan=0.0)  # no other class's empty background: base rate 0, as the estimate
+            out[cls]["only_bg_excess"] = percentile_interval(share(cls, "still") - base, level)
+    return out

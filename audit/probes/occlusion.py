@@ -58,8 +58,8 @@ from audit.store import ArrayTable
 class OcclusionParams(ProbeParams):
     per_class: int = Field(default=64, ge=1, description="samples per class (true class, else prediction)")
     max_samples: int = Field(default=1024, ge=1, description="samples in all")
-    window: int | None = Field(default=None, ge=1, description="occluding patch side in pixels (default about 1/8 of the side)")
-    stride: int | None = Field(default=None, ge=1, description="patch stride (default half the window)")
+    window: int | None = Field(default=None, ge=1, description="occluding patch side in pixels; unset: about 1/8 of the side")
+    stride: int | None = Field(default=None, ge=1, description="patch stride; unset: half the window")
     baseline: Literal["zeros", "blur", "mean"] = Field(default="zeros", description="what covers a region: black, a blurred copy, or the mean colour")
     perturbations_per_eval: int = Field(default=256, ge=1, description="occluded images per forward pass")
     batch_size: int = Field(default=16, ge=1, description="images explained together")

@@ -36,8 +36,8 @@ thresholds:                        # most severe first; the first that holds dec
   - {op: gt, value: 0.05, status: warn, severity: medium}            # or only its point estimate is
   - {op: gt, value: 0.02, status: info}                              # noted, never judged
 values: {accuracy: predictions.accuracy}   # the rule's own placeholders: a metric[:lo|:hi|:n] at the finding's scope
-message: "{domain}: accuracy {accuracy:.1%}, {value:.1%} below the reference domain's (interval {lo:.1%} to {hi:.1%})"
-pass_message: "{domain}: within {threshold:.0%} of the reference"
+message: "{domain}: accuracy {accuracy:.1%}, {value:.1pt} below the reference domain's (interval {lo:.1pt} to {hi:.1pt})"
+pass_message: "{domain}: within {threshold:.0pt} of the reference"
 remedy: Compare the input statistics of the domains.   # may use the same placeholders as message
 evidence: {column: predictions.error_confidence, order: desc, limit: 8}   # at most 1000 sample ids
 ```
@@ -48,11 +48,24 @@ evidence: {column: predictions.error_confidence, order: desc, limit: 8}   # at m
   with no `thresholds` at all reports every judgeable scope as info.
 - `bound: lo` / `bound: hi` compares the lower / upper bound of the metric's interval instead of its
   value (the metric must be declared with an interval); a scope whose interval is missing is skipped.
+- `confirmed_by` makes a fail or warn threshold apply only when another metric at the same scope backs
+  it, e.g. a proxy confirmed by a counterfactual:
+  `{op: gt, value: 0.8, status: fail, severity: high, confirmed_by: [{metric: background.bg_gap, bound: lo,
+  op: gt, value: 0.10}, {metric: background.only_bg_excess, bound: lo, op: gt, value: 0.10}]}`.
+  Any one confirms (each is `metric`, optional `bound`, `op`, `value`, read as `values:` reads a metric).
+  When the threshold holds but nothing confirms it, the next threshold decides, and the finding's message
+  says which confirmation held or that none did (the `{confirmation}` placeholder places that text;
+  without it, it is appended). A confirming metric must be declared, reported for every scope kind the
+  rule is judged per, and declared with an interval when a `bound` is named.
 - Placeholders: scope, value, threshold, n, lo, hi, class, domain, method, layer, pair, metric, rule,
-  status, min_support, and the names under `values`; a missing value prints n/a. `message`,
-  `pass_message` and `remedy` may use them, each with at most a simple format spec (`{value:.1%}`,
-  `{n:,}`, `{class:>12}`; widths and precisions up to 50); attribute or index access (`{value.real}`),
-  conversions (`!r`) and placeholders inside a spec are refused when the rule is loaded.
+  status, min_support, on_domain (" on domain D" when the scope has a domain, else empty: "{class}{on_domain}"
+  reads right per class and per domain/class), confirmation, and the names under `values`; a missing value
+  prints n/a. `message`, `pass_message` and `remedy` may use them, each with at most a simple format spec
+  (`{value:.1%}`, `{n:,}`, `{class:>12}`; widths and precisions up to 50); attribute or index access
+  (`{value.real}`), conversions (`!r`) and placeholders inside a spec are refused when the rule is loaded.
+- A difference of two shares (a BG-gap, an accuracy drop) is said in percentage points, not percent:
+  `{value:.0pt}` prints 0.47 as "47 points", `{value:+.1pt}` as "+47.0 points" (1 as "1 point"). Quote its
+  limit the same way (`limit {threshold:.0pt}`), so a value and its limit are in one unit.
 - Threshold values are finite numbers (no `.nan` or `.inf`); `between` / `outside` take `[low, high]`
   with low <= high.
 - A config can change `thresholds` and `min_support` or switch a rule off: `rules: {<id>: {enabled: false}}`.

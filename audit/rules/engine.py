@@ -4,6 +4,8 @@ A rule reads either a precomputed metric (`predictions.recall@class:wolf`) or, w
 `aggregate.stat`, a per-sample column aggregated per scope (`background.outside_ratio`, mean per
 class), once for each scope kind it lists. A scope with fewer samples than `min_support` is
 skipped, never passed or failed; a rule without thresholds reports `info` for every other scope.
+A threshold with `confirmed_by` decides only when another metric at the same scope backs it; the
+finding's message says which did, or that none did and the next threshold decided.
 """
 
 from __future__ import annotations
@@ -22,12 +24,13 @@ from audit.errors import printable
 from audit.findings import JUDGED, SEVERITY_RANK, Finding, Severity, Status
 from audit.metrics.names import display_scope, parse_key, parse_scope, scope, scope_kind
 from audit.rules.ops import STATISTICS, SYMBOLS, compare, worse_direction
-from audit.rules.schema import BOUND_TEXT, RuleSpec, Threshold, scope_problem, simple_spec
+from audit.rules.schema import BOUND_TEXT, POINTS_TYPE, Confirmation, RuleSpec, Threshold, scope_problem, simple_spec
 
-__all__ = ["Finding", "MetricIndex", "ProbeState", "RuleEngine", "ScopedValue", "apply_waivers", "render_message", "threshold_text"]
+__all__ = ["Finding", "MetricIndex", "ProbeState", "RuleEngine", "ScopedValue", "apply_waivers", "confirmation_text", "points_text",
+           "render_message", "threshold_text"]
 
 RUN_LEVEL_PREFIXES = ("manifest",)
-_SCOPE_COLUMNS = {"class": "class", "domain": "domain", "method": "method", "layer": "layer", "pair": "pair"}
+_SCOPE_COLUMNS = {"class": "class", "domain": "domain", "method": "method", "layer": "layer", "pair": "pair", "convention": "convention"}
 
 
 @dataclass
@@ -94,6 +97,8 @@ class _SafeFormatter(string.Formatter):
         if not simple_spec(format_spec):
             return str(value)
         try:
+            if format_spec.endswith(POINTS_TYPE):
+                return points_text(value, format_spec)
             return format(value, format_spec)
         except (TypeError, ValueError, OverflowError):
             return str(value)
@@ -106,6 +111,34 @@ def render_message(template: str, **fields: Any) -> str:
     return _FORMATTER.format(template, **fields)
 
 
+def points_text(value: float, spec: str = ".0pt") -> str:
+    """A difference of two shares in percentage points: `.0pt` gives '47 points' for 0.47, `+.0pt`
+    '+47 points'. `%` would say '47%', which reads as a relative change of 47 percent."""
+    number = format(100 * float(value), spec.removesuffix(POINTS_TYPE) + "f")
+    try:
+        one = abs(float(number.strip().replace(",", "").replace("_", ""))) == 1
+    except ValueError:
+        one = False
+    return f"{number} point{'' if one else 's'}"
+
+
+def _uses(template: str, field_name: str) -> bool:
+    return any(name == field_name for _, name, _, _ in string.Formatter().parse(template))
+
+
+def _quantity(value: float | None, unit: str | None) -> str:
+    """A confirming metric's value or limit in its declared unit (its number alone when unknown)."""
+    if value is None:
+        return "n/a"
+    if unit == "points":
+        return points_text(value, ".0pt")
+    if unit == "percent":
+        return f"{value:.1%}"
+    if unit == "ratio":
+        return f"{value:.2f}x"
+    return f"{value:.3g}"
+
+
 TableLoader = Callable[[str], "pd.DataFrame | None"]
 
 
@@ -116,11 +149,13 @@ class RuleEngine:
         tables: TableLoader,
         probes: dict[str, ProbeState],
         owners: Mapping[str, str] | None = None,
+        units: Mapping[str, str] | None = None,
     ) -> None:
         self.index = MetricIndex(metrics)
         self.tables = tables
         self.probes = probes
         self.owners = owners or {}  # declared metric or "<table>.<column>" -> the probe that produces it
+        self.units = units or {}  # declared metric -> unit, for the confirmation text of a finding
         self._table_cache: dict[str, pd.DataFrame | None] = {}
 
     def evaluate(self, rules: Iterable[RuleSpec], waivers: Iterable[Any] = (), today: dt.date | None = None) -> list[Finding]:
@@ -160,8 +195,10 @@ class RuleEngine:
 
     def _judge(self, rule: RuleSpec, scope_text: str, sv: ScopedValue) -> Finding:
         n = sv.n if sv.n is not None else 0
+        parts = parse_scope(scope_text)
         fields = {"scope": display_scope(scope_text), "value": sv.value, "n": n, "metric": rule.metric, "rule": rule.id,
-                  "min_support": rule.min_support, "lo": sv.lo, "hi": sv.hi, **parse_scope(scope_text),
+                  "min_support": rule.min_support, "lo": sv.lo, "hi": sv.hi, "confirmation": "",
+                  "on_domain": f" on domain {parts['domain']}" if "domain" in parts else "", **parts,
                   **{name: self.index.lookup(ref, scope_text) for name, ref in (rule.values or {}).items()}}
         base = dict(rule=rule.id, rule_version=rule.version, title=rule.title, scope=scope_text, metric=rule.metric,
                     value=sv.value, n=n, remedy=render_message(rule.remedy, **fields))
@@ -179,23 +216,48 @@ class RuleEngine:
                            message=f"{display_scope(scope_text)}: {rule.metric} is not a finite number in this run, "
                                    "so this rule cannot judge it (a gate must not pass on a value it cannot read)")
         hit: Threshold | None = None
+        notes: list[str] = []  # why a crossed threshold that needs confirmation did or did not decide
         for threshold in rule.thresholds:
             if threshold.bound is not None and getattr(sv, threshold.bound) is None:
                 return Finding(**base, status=Status.SKIPPED, severity=Severity.INFO,
                                message=f"{display_scope(scope_text)}: the {BOUND_TEXT[threshold.bound]} of {rule.metric} "
                                        "is not in this run, and this rule judges it")
             if compare(threshold.op, sv.value if threshold.bound is None else getattr(sv, threshold.bound), threshold.value):
+                if threshold.confirmed_by:
+                    readings = [(c, self.index.lookup(c.ref, scope_text)) for c in threshold.confirmed_by]
+                    backing = [(c, v) for c, v in readings if v is not None and math.isfinite(v) and compare(c.op, v, c.value)]
+                    if not backing:
+                        notes.append(f"{threshold.status} only if a counterfactual confirms it, and none does: "
+                                     + "; ".join(self._reading(c, v) for c, v in readings))
+                        continue
+                    notes.append(f"{threshold.status} confirmed by " + "; ".join(self._reading(c, v) for c, v in backing))
                 hit = threshold
                 break
         limit = hit or rule.thresholds[-1]
         fields["threshold"] = limit.value
         fields["status"] = hit.status if hit else Status.PASS
+        fields["confirmation"] = "; ".join(notes)
         decided = dict(threshold=limit.value, op=limit.op, bound=limit.bound)
         if hit is None:
             return Finding(**base, **decided, status=Status.PASS, severity=Severity.INFO,
-                           message=render_message(rule.pass_message or rule.message, **fields))
-        return Finding(**base, **decided, status=hit.status, severity=hit.severity, message=render_message(rule.message, **fields),
+                           message=self._message(rule.pass_message or rule.message, fields))
+        return Finding(**base, **decided, status=hit.status, severity=hit.severity, message=self._message(rule.message, fields),
                        evidence=self._evidence(rule, scope_text))
+
+    def _reading(self, confirmation: Confirmation, value: float | None) -> str:
+        """'background.bg_gap lower bound 71 points (needs > 10 points)'."""
+        unit = self.units.get(confirmation.metric)
+        limit = threshold_text(confirmation.op, confirmation.value, lambda v: _quantity(v, unit))
+        bound = f" {BOUND_TEXT[confirmation.bound]}" if confirmation.bound else ""
+        return f"{confirmation.metric}{bound} {_quantity(value, unit)} (needs {limit})"
+
+    @staticmethod
+    def _message(template: str, fields: dict[str, Any]) -> str:
+        """The rendered template; a confirmation it does not quote is appended, so it is never lost."""
+        text = render_message(template, **fields)
+        if fields["confirmation"] and not _uses(template, "confirmation"):
+            text = f"{text}; {fields['confirmation']}"
+        return text
 
     def _table(self, name: str) -> pd.DataFrame | None:
         """A per-sample table with `class` and `domain` columns (joined from predictions if absent)."""
@@ -343,3 +405,12 @@ def threshold_text(op: str | None, threshold: float | list[float] | None,
     if isinstance(threshold, list):
         return f"{prefix}{SYMBOLS[op]} [{fmt(threshold[0])}, {fmt(threshold[1])}]"
     return f"{prefix}{SYMBOLS[op]} {fmt(threshold)}"
+
+
+def confirmation_text(threshold: Threshold, fmt: Callable[[float], str] = lambda v: f"{v:.3g}") -> str:
+    """' when confirmed by background.bg_gap lower bound > 0.1 or ...' for listings ('' without confirmed_by),
+    appended to threshold_text so a listed limit says it does not decide alone."""
+    if not threshold.confirmed_by:
+        return ""
+    return " when confirmed by " + " or ".join(
+        f"{c.metric} {threshold_text(c.op, c.value, fmt, c.bound)}" for c in threshold.confirmed_by)

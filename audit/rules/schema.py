@@ -33,7 +33,7 @@ if TYPE_CHECKING:
     from audit.metrics.declarations import Declarations
 
 SCHEMA = "model-audit/rule/v1"
-SCOPE_PER = ("global", "class", "domain", "domain/class", "method", "layer", "pair", "method/class")
+SCOPE_PER = ("global", "class", "domain", "domain/class", "method", "layer", "pair", "method/class", "convention")
 STATS = ("mean", "median", "min", "max", "sum", "rate", "p10", "p90", "std")
 EVIDENCE_LIMIT = 1000  # ids a finding may carry; more would bloat results.json without helping a reader
 THRESHOLD_STATUSES: tuple[Status, ...] = (*JUDGED, Status.INFO)
@@ -41,13 +41,14 @@ JUDGING_SEVERITIES: tuple[Severity, ...] = tuple(s for s in SEVERITY_ORDER if s 
 Bound = Literal["lo", "hi"]
 BOUND_TEXT = {"lo": "lower bound", "hi": "upper bound"}
 MESSAGE_FIELDS = {"scope", "value", "threshold", "n", "class", "domain", "method", "layer", "pair", "metric", "rule", "status",
-                  "min_support", "lo", "hi"}
+                  "min_support", "lo", "hi", "on_domain", "confirmation"}
 TEMPLATE_KEYS = ("message", "pass_message", "remedy")  # the texts the engine formats with a finding's fields
 MAX_FORMAT_WIDTH = 50  # widths and precisions in a placeholder's format spec; more only pads a report
 FORMAT_TYPES = "deEfFgGn%s"
+POINTS_TYPE = "pt"  # a difference of two shares in percentage points: {value:.0pt} -> "47 points" for 0.47
 # [[fill]align][sign][z][#][0][width][grouping][.precision][type]: Python's format mini-language without nesting
 FORMAT_SPEC = re.compile(r"(?:(?P<fill>[^{}])?(?P<align>[<>=^]))?[-+ ]?z?#?0?(?P<width>[0-9]+)?[,_]?"
-                         r"(?:\.(?P<precision>[0-9]+))?(?P<type>[" + FORMAT_TYPES + r"])?")
+                         r"(?:\.(?P<precision>[0-9]+))?(?P<type>[" + FORMAT_TYPES + r"]|" + POINTS_TYPE + r")?")
 ID_PATTERN = r"^[a-z0-9][a-z0-9-]*$"
 METRIC_PATTERN = r"^[a-z_]+\.[a-z0-9_.]+$"
 VALUE_PATTERN = r"^[a-z_]+\.[a-z0-9_.]+(:(" + "|".join(SUFFIXES) + r"))?$"
@@ -140,7 +141,7 @@ def check_template(text: str, allowed: Iterable[str]) -> None:
         match = FORMAT_SPEC.fullmatch(spec)
         if match is None or (match["fill"] is not None and not match["fill"].isprintable()):
             raise ValueError(f"placeholder {{{field_name}:{printable(spec)}}}: not a simple format spec "
-                             f"(e.g. .1%, .3f, d, ',', >8; types {_listing(FORMAT_TYPES)})")
+                             f"(e.g. .1%, .0pt, .3f, d, ',', >8; types {_listing([*FORMAT_TYPES, POINTS_TYPE])})")
         for part in ("width", "precision"):
             number = spec_number(match[part])
             if number > MAX_FORMAT_WIDTH:
@@ -149,18 +150,12 @@ def check_template(text: str, allowed: Iterable[str]) -> None:
                                  f"is over the limit of {MAX_FORMAT_WIDTH}")
 
 
-class Threshold(_Strict):
-    """One comparison; the first that holds decides the status. Listed most severe first.
-
-    `bound` compares the metric's interval bound instead of its point estimate, so a rule can ask
-    that a gap be clear of sampling noise. An `info` threshold notes a value without judging it.
-    """
+class _Comparison(_Strict):
+    """`op` against `value`, optionally on an interval bound (`bound: lo | hi`) instead of the point
+    estimate, so a rule can ask that a gap be clear of sampling noise."""
 
     op: Literal["gt", "ge", "lt", "le", "eq", "ne", "between", "outside"]
     value: float | list[float]
-    status: Status
-    severity: Severity | None = None
-    bound: Bound | None = None
 
     @field_validator("value", mode="before")
     @classmethod
@@ -168,6 +163,42 @@ class Threshold(_Strict):
         if isinstance(value, (list, tuple)):
             return [finite_number(v) for v in value]
         return finite_number(value)
+
+    @model_validator(mode="after")
+    def _range_ops_take_two_values(self) -> _Comparison:
+        ranged = self.op in ("between", "outside")
+        if ranged != isinstance(self.value, list) or (ranged and len(self.value) != 2):
+            raise ValueError(f"op {self.op!r} takes {'a list [low, high]' if ranged else 'a single number'}")
+        if ranged and self.value[0] > self.value[1]:  # type: ignore[index]
+            raise ValueError(f"op {self.op!r} takes [low, high] with low <= high, not {self.value}")
+        return self
+
+
+class Confirmation(_Comparison):
+    """Another metric at the finding's scope that backs a threshold: `{metric, bound, op, value}`.
+
+    A proxy measurement (where attribution falls) can look alarming for reasons that are not the
+    defect asked about; a counterfactual on the same scope (the answer changes when the background
+    does) says whether the model depends on it. A threshold with `confirmed_by` applies only when
+    one of them holds; otherwise the next threshold is tried."""
+
+    metric: str = Field(pattern=METRIC_PATTERN)
+    bound: Bound | None = None
+
+    @property
+    def ref(self) -> str:
+        """`<metric>[:lo|:hi]`, as MetricIndex.lookup and `values:` read it."""
+        return f"{self.metric}:{self.bound}" if self.bound else self.metric
+
+
+class Threshold(_Comparison):
+    """One comparison; the first that holds (and, with `confirmed_by`, is confirmed) decides the
+    status. Listed most severe first. An `info` threshold notes a value without judging it."""
+
+    status: Status
+    severity: Severity | None = None
+    bound: Bound | None = None
+    confirmed_by: list[Confirmation] | None = Field(default=None, min_length=1)
 
     @field_validator("status", mode="before")
     @classmethod
@@ -177,12 +208,9 @@ class Threshold(_Strict):
         return value
 
     @model_validator(mode="after")
-    def _range_ops_take_two_values(self) -> Threshold:
-        ranged = self.op in ("between", "outside")
-        if ranged != isinstance(self.value, list) or (ranged and len(self.value) != 2):
-            raise ValueError(f"op {self.op!r} takes {'a list [low, high]' if ranged else 'a single number'}")
-        if ranged and self.value[0] > self.value[1]:  # type: ignore[index]
-            raise ValueError(f"op {self.op!r} takes [low, high] with low <= high, not {self.value}")
+    def _only_verdicts_are_confirmed(self) -> Threshold:
+        if self.confirmed_by and self.status is Status.INFO:
+            raise ValueError("confirmed_by backs a fail or warn verdict; an info threshold judges nothing")
         return self
 
     @model_validator(mode="after")
@@ -439,6 +467,18 @@ def rule_problems(rule: RuleSpec, declared: Declarations) -> list[str]:
     for i, threshold in enumerate(rule.thresholds or ()):
         if threshold.bound is not None and rule.metric in metrics:
             need_metric(f"thresholds.{i}.bound", f"{rule.metric}:{threshold.bound}")
+        for j, confirmation in enumerate(threshold.confirmed_by or ()):
+            key = f"thresholds.{i}.confirmed_by.{j}"
+            if confirmation.metric not in metrics:
+                need_metric(f"{key}.metric", confirmation.metric)
+                continue
+            spec = metrics[confirmation.metric]
+            missing = [kind for kind in rule.aggregate.kinds if kind not in spec.scopes]
+            if missing:
+                problems.append(f"{key}.metric: {confirmation.metric!r} is not reported per {missing[0]} "
+                                f"(it is per {_listing(spec.scopes)}), so it cannot confirm this rule's findings")
+            if confirmation.bound is not None:
+                need_metric(f"{key}.bound", confirmation.ref)
     for name, ref in (rule.values or {}).items():
         need_metric(f"values.{name}", ref)
     if rule.evidence is not None:
