@@ -351,7 +351,7 @@ def test_every_figure_draws_hostile_labels_as_typed() -> None:
     assert "<svg" in figures.histogram([0, 0.5, 1], {label: [1, 2] for label in labels}, xlabel="$p$")
     assert "<svg" in figures.matrix(np.eye(k).tolist(), labels, labels)
     strip = figures.sample_strip([{"image": np.zeros((8, 8), np.uint8), "caption": label} for label in labels])
-    assert strip.startswith(b"\x89PNG")
+    assert strip.data.startswith(b"\x89PNG") and strip.mime == "image/png" and strip.width_mm > 0
 
 
 def test_render_of_a_saved_run_with_hostile_names_succeeds(corpus_run, tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
@@ -371,5 +371,6 @@ def test_a_report_that_cannot_render_exits_4_and_keeps_the_results(torch_run, tm
 
     monkeypatch.setattr(audit.report.html, "render_html", broken)
     code, _, err = run_cli(["render", str(copy)], capsys)
-    assert code == 4 and err == "model-audit: error: the reports could not be rendered (RuntimeError: font cache is gone)\n"
+    # the stage lines come first; the error is the one line that ends the run
+    assert code == 4 and err.endswith("\nmodel-audit: error: the reports could not be rendered (RuntimeError: font cache is gone)\n")
     assert json.loads((copy / "results.json").read_text()) == torch_run.results

@@ -20,7 +20,14 @@ from PIL import Image
 
 from audit.api import RunOutcome, run_audit
 from audit.config import build_config
-from audit.probes.preprocessing import IMAGENET_MEAN, IMAGENET_STD, Convention, conventions, flags_text, paired_accuracy
+from audit.probes.preprocessing import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    Convention,
+    conventions,
+    flags_text,
+    paired_accuracy,
+)
 
 RULE = "preprocessing-mismatch"
 PROBES = ["predictions", "preprocessing"]
@@ -198,7 +205,6 @@ def test_the_demo_audited_without_its_normalisation_fails_naming_mean_and_std_05
     details = run.results["probes"]["preprocessing"]["details"]
     assert conventions_["[0, 1]"]["is_given"] and "[-1, 1] (--mean 0.5 --std 0.5)" in [details["best"], *details["tied"]]
     assert conventions_["[-1, 1]"]["gain_lo"] > 0.10
-    print({t: (round(c["accuracy"], 3), c["gain_lo"]) for t, c in conventions_.items()}, [f["message"] for f in findings(run)])
 
 
 def test_the_demo_audited_with_its_normalisation_passes(demo_runs: dict[str, RunOutcome]) -> None:

@@ -24,7 +24,13 @@ from audit.findings import (
 )
 from audit.metrics.declarations import ColumnSpec, Declarations, MetricSpec, TableSpec
 from audit.rules.catalogue import FORMAT_GUIDE, builtin_rule_files, load_catalogue
-from audit.rules.engine import ProbeState, RuleEngine, confirmation_text, render_message, threshold_text
+from audit.rules.engine import (
+    ProbeState,
+    RuleEngine,
+    confirmation_text,
+    render_message,
+    threshold_text,
+)
 from audit.rules.schema import check_rules, load_rule_file, parse_rule
 
 

@@ -144,7 +144,10 @@ class Attribution(Probe):
 
     @classmethod
     def capability_uses(cls) -> list[str]:
-        lines = [f"{name}: {', '.join(sorted(c.value for c in spec.requires)) or 'a forward pass'}" for name, spec in METHODS.items()]
+        defaults = default_methods()
+        lines = [f"{name}: {', '.join(sorted(c.value for c in spec.requires)) or 'a forward pass'}"
+                 + ("" if name in defaults or spec.fallback else " (on request)")
+                 for name, spec in METHODS.items() if name != "occlusion"]  # occlusion is its own probe
         fallback = ", ".join(fallback_methods())
         return [*lines, f"without gradients: {fallback} through the model's own runtime (the gradient methods are listed as not run)"]
 

@@ -21,8 +21,22 @@ from pydantic import Field
 from audit.metrics.classification import Bootstrap, percentile_interval
 from audit.metrics.declarations import ColumnSpec, MetricSpec, TableSpec
 from audit.metrics.names import scope
-from audit.probes.base import DetailBatch, DetailOutput, DetailPlan, Evidence, Probe, ProbeData, ProbeInputs, ProbeParams, Taps
-from audit.probes.model_functions import SAMPLE_COLUMNS, probabilities_function, sample_rows
+from audit.probes.base import (
+    DetailBatch,
+    DetailOutput,
+    DetailPlan,
+    Evidence,
+    Probe,
+    ProbeData,
+    ProbeInputs,
+    ProbeParams,
+    Taps,
+)
+from audit.probes.model_functions import (
+    SAMPLE_COLUMNS,
+    probabilities_function,
+    sample_rows,
+)
 from audit.probes.registry import register
 from audit.probes.sampling import detail_sample
 

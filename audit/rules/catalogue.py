@@ -12,7 +12,13 @@ from pydantic import ValidationError
 from audit.errors import InputError, RuleError, printable
 from audit.metrics.names import parse_scope
 from audit.resources import rules_dir
-from audit.rules.schema import RuleSpec, check_rules, load_rule_file, parse_rule, scope_problem
+from audit.rules.schema import (
+    RuleSpec,
+    check_rules,
+    load_rule_file,
+    parse_rule,
+    scope_problem,
+)
 
 if TYPE_CHECKING:
     from audit.metrics.declarations import Declarations

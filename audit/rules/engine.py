@@ -24,7 +24,15 @@ from audit.errors import printable
 from audit.findings import JUDGED, SEVERITY_RANK, Finding, Severity, Status
 from audit.metrics.names import display_scope, parse_key, parse_scope, scope, scope_kind
 from audit.rules.ops import STATISTICS, SYMBOLS, compare, worse_direction
-from audit.rules.schema import BOUND_TEXT, POINTS_TYPE, Confirmation, RuleSpec, Threshold, scope_problem, simple_spec
+from audit.rules.schema import (
+    BOUND_TEXT,
+    POINTS_TYPE,
+    Confirmation,
+    RuleSpec,
+    Threshold,
+    scope_problem,
+    simple_spec,
+)
 
 __all__ = ["Finding", "MetricIndex", "ProbeState", "RuleEngine", "ScopedValue", "apply_waivers", "confirmation_text", "points_text",
            "render_message", "threshold_text"]

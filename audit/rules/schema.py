@@ -77,7 +77,7 @@ def finite_number(value: Any) -> float:
     return number
 
 
-SCOPE_GRAMMAR = ("global, class:C, domain:D, domain:D/class:C, method:M, layer:L or pair:A->B, as results.json "
+SCOPE_GRAMMAR = ("global, class:C, domain:D, domain:D/class:C, method:M, layer:L, pair:A->B or convention:P, as results.json "
                  "writes them (a / : % @ in a name escaped as %2F %3A %25 %40)")
 
 
