@@ -75,6 +75,16 @@ def test_findings_of_one_cause_are_one_group_with_one_plain_words_paragraph(lean
     assert re.search(r"value <span class=\"value\">\d+\.\d points</span>", group)  # a difference of accuracies, in points
 
 
+def test_a_group_shows_samples_two_of_its_findings_share_once(demo_run) -> None:  # type: ignore[no-untyped-def]
+    _, outcome = demo_run
+    data = [f for f in outcome.results["findings"] if f["scope"] == "domain:data" and f["metric"].startswith("predictions.")
+            and f["status"] in ATTENTION]
+    assert len(data) >= 2 and data[0]["evidence"] == data[1]["evidence"]  # accuracy gap and calibration: the same worst samples
+    group = card_html((outcome.out / "report.html").read_text(), "group-predictions-domain-data\"")
+    assert group.count(f'alt="sample {data[0]["evidence"][0]}"') == 1
+    assert "The worst samples are the same as for" in group
+
+
 def summary_statuses(html: str) -> list[str]:
     start = html.index('<table class="summary-table">')
     return re.findall(r"<tr><td><span class=\"badge (\w+)\">", html[start: html.index("</table>", start)])

@@ -192,6 +192,13 @@ def group_findings(findings: list[dict[str, Any]], probe_titles: dict[str, str])
         first = members[0]
         plain = next((m["plain_words"] for m in members if m.get("plain_words")), None)
         remedies: list[str] = []
+        shown: dict[tuple[str, ...], str] = {}
+        for m in members:
+            ids = tuple(e["id"] for e in m.get("evidence_items") or [])
+            if ids and not m.get("evidence_states") and ids in shown:
+                m["evidence_same_as"] = shown[ids]  # one cause, one set of samples: shown once
+            elif ids:
+                shown.setdefault(ids, m["title"])
         for m in members:
             if m.get("remedy") and m["remedy"] not in remedies:
                 remedies.append(m["remedy"])
@@ -255,7 +262,9 @@ def verdict_reason(verdict: str, attention: list[dict[str, Any]]) -> str:
 
 
 def _lower_first(text: str) -> str:
-    return text[:1].lower() + text[1:] if text[1:2].islower() else text
+    """'A class is ...' -> 'a class is ...'; an acronym ('ECE', 'BG-gap') keeps its case."""
+    word = text.split(" ", 1)[0]
+    return text if len(word) > 1 and not word[1:2].islower() else text[:1].lower() + text[1:]
 
 
 def inferred_text(inferred: dict[str, Any] | None) -> str | None:
