@@ -23,6 +23,13 @@ MAX_IMAGE_PIXELS = 50_000_000  # default for --max-image-pixels: larger headers 
 Image.MAX_IMAGE_PIXELS = None  # our own check (read_input) runs first, with the configured limit and a reason
 
 
+def channel_values(values: Sequence[float]) -> str:
+    """Per-channel statistics as a user types them: '0.5' when every channel shares the value,
+    else '0.485 0.456 0.406'."""
+    texts = [f"{float(v):g}" for v in values]
+    return texts[0] if len(set(texts)) == 1 else " ".join(texts)
+
+
 @dataclass(frozen=True)
 class Preprocessing:
     input_size: tuple[int, int]

@@ -18,6 +18,7 @@ import pandas as pd
 import torch
 from pydantic import Field
 
+from audit.data import channel_values
 from audit.metrics.classification import Bootstrap, percentile_interval
 from audit.metrics.declarations import ColumnSpec, MetricSpec, TableSpec
 from audit.metrics.names import scope
@@ -69,14 +70,9 @@ class Convention:
         return np.ascontiguousarray((pixels - mean) / std, dtype=np.float32)
 
 
-def _numbers(values: Sequence[float]) -> str:
-    texts = [f"{v:g}" for v in values]
-    return texts[0] if len(set(texts)) == 1 else " ".join(texts)
-
-
 def flags_text(mean: Sequence[float], std: Sequence[float]) -> str:
     """The CLI flags that select a normalisation: '--mean 0.5 --std 0.5' (one value when all channels share it)."""
-    return f"--mean {_numbers(mean)} --std {_numbers(std)}"
+    return f"--mean {channel_values(mean)} --std {channel_values(std)}"
 
 
 def _same(a: Sequence[float], b: Sequence[float]) -> bool:

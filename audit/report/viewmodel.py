@@ -14,6 +14,7 @@ from typing import Any
 import markupsafe
 import yaml
 
+from audit.data import channel_values
 from audit.findings import ATTENTION, SEVERITY_ORDER, STATUS_ORDER, exit_code
 from audit.metrics.names import display_scope, metric_key, parse_key, parse_scope, scope
 from audit.report.run_files import Tables, run_file
@@ -220,11 +221,8 @@ def group_findings(findings: list[dict[str, Any]], probe_titles: dict[str, str])
 
 def preprocessing_text(preprocessing: dict[str, Any]) -> str:
     """The normalisation the model was audited with, and whether the user stated it or it was assumed."""
-    def values(v: Any) -> str:
-        items = [f"{float(x):g}" for x in (v or [])]
-        return items[0] if len(set(items)) == 1 else " ".join(items)
-
-    text = f"mean {values(preprocessing.get('mean'))}, std {values(preprocessing.get('std'))} on pixels in [0, 1]"
+    text = (f"mean {channel_values(preprocessing.get('mean') or [])}, std {channel_values(preprocessing.get('std') or [])}"
+            " on pixels in [0, 1]")
     stated = preprocessing.get("stated")
     if stated is False:
         return text + " (assumed: no --mean/--std was given)"
