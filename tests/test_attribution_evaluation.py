@@ -20,7 +20,12 @@ from audit.attribution import (
     randomisation_tests,
     spearman_rows,
 )
-from audit.attribution.evaluation import descending_order
+from audit.attribution.evaluation import (
+    RandomisationResult,
+    _parameterised_layers,
+    cascade_steps,
+    descending_order,
+)
 
 
 class Cnn(nn.Module):
@@ -151,6 +156,33 @@ def test_deletion_attribution_order_beats_random() -> None:
     np.testing.assert_array_equal(again.curves, control.curves)
 
 
+def test_deletion_rows_that_removed_the_same_pixels_share_a_pass() -> None:
+    """Two methods whose maps rank the pixels alike (one a rescaled copy, one a blocky map whose
+    halves tie) give the same curves as run apart, from fewer forward passes."""
+    torch.manual_seed(3)
+    model = LeftHalf()
+    x = torch.rand(3, 3, 8, 8)
+    target = torch.zeros(3, dtype=torch.long)
+    seen = []
+
+    def probs(t: torch.Tensor) -> torch.Tensor:
+        seen.append(len(t))
+        return torch.softmax(model(t), dim=1)
+
+    maps = attribute("saliency", model, x, target, AttributionParams())
+    blocky = np.repeat(np.repeat(np.random.default_rng(0).random((3, 2, 2)), 4, axis=1), 4, axis=2)
+    stacked = np.concatenate([maps, 3 * maps, blocky])
+    rows = x.repeat(3, 1, 1, 1)
+    alone = deletion_curve(probs, rows, target.repeat(3), stacked, steps=8, batch_size=1000)
+    passes_alone = sum(seen)
+    seen.clear()
+    shared = deletion_curve(probs, rows, target.repeat(3), stacked, steps=8, batch_size=1000, images=np.tile(np.arange(3), 3))
+    np.testing.assert_array_equal(shared.curves, alone.curves)
+    ranking = [np.argsort(-m.reshape(-1), kind="stable") for m in stacked]
+    distinct = sum(len({(i % 3, frozenset(ranking[i][:k * 8].tolist())) for i in range(9)}) for k in range(9))
+    assert passes_alone == 9 * 9 and sum(seen) == distinct <= 9 * 6  # the rescaled copy never runs
+
+
 def test_deletion_auc_by_hand_two_steps_on_numpy_forward() -> None:
     calls = []
 
@@ -211,3 +243,58 @@ def test_descending_order_equals_stable_argsort_with_ties_signed_zeros_nan_and_i
     expected = torch.argsort(-torch.nan_to_num(torch.from_numpy(maps), nan=-torch.inf), dim=1, stable=True).numpy()
     np.testing.assert_array_equal(descending_order(maps), expected)
     np.testing.assert_array_equal(descending_order(np.array([[1.0, 3.0, 3.0, -2.0, 0.0]], dtype=np.float32)), [[1, 2, 0, 4, 3]])
+
+
+def _resnet18() -> nn.Module:
+    import torchvision
+
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(weights=None, num_classes=3).eval()
+    for m in model.modules():
+        if isinstance(m, nn.ReLU):
+            m.inplace = False  # as the torch adapter does, so backward hooks can wrap them
+    return model
+
+
+def _demo_cnn() -> nn.Module:
+    from audit.demo import build_model
+
+    torch.manual_seed(0)
+    return build_model().eval()
+
+
+def _cnn() -> nn.Module:
+    torch.manual_seed(0)
+    return Cnn().eval()
+
+
+def test_block_cascade_of_resnet18_takes_six_steps_from_the_head() -> None:
+    model = _resnet18()
+    layers = _parameterised_layers(model, model, torch.zeros(1, 3, 32, 32))
+    steps = cascade_steps(model, layers)
+    assert [label for label, _ in steps] == ["fc", "layer4", "layer3", "layer2", "layer1", "bn1 + conv1"]
+    assert [n for _, names in steps for n in names] == list(reversed(layers))  # same layers, same order as per layer
+    assert len(cascade_steps(model, layers, None)) == len(layers) == 41
+
+
+@pytest.mark.parametrize("build, size", [(_cnn, 10), (_demo_cnn, 32)], ids=["cnn", "demo"])
+def test_block_cascade_trusts_the_methods_the_per_layer_cascade_trusts(build, size: int) -> None:  # type: ignore[no-untyped-def]
+    """The verdict is taken on the fully randomised model, which both granularities reach through the
+    same re-initialisations in the same order: the final correlations, and so which methods are
+    trusted, must not move (checked on the test models; a ResNet-18 per layer takes minutes)."""
+    model = build()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    x = torch.randn(4, 3, size, size, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        target = model(x).argmax(1)
+    methods = ["saliency", "gradient_x_input", "integrated_gradients", "gradcam", "guided_backprop", "deconvolution", "smoothgrad"]
+    params = AttributionParams(ig_steps=4, smoothgrad_samples=2, seed=3)
+    blocks = randomisation_tests(model, scores, methods, x, target, params, seed=5)
+    layers = randomisation_tests(model, scores, methods, x, target, params, seed=5, max_steps=None)
+    for method in methods:
+        block, layer = blocks[method], layers[method]
+        assert isinstance(block, RandomisationResult) and isinstance(layer, RandomisationResult), method
+        assert len(block.layers) <= 6 and len(block.layers) <= len(layer.layers)
+        np.testing.assert_allclose(block.sample_correlations, layer.sample_correlations, atol=1e-6, err_msg=method)
+        assert (block.final_correlation < 0.5) == (layer.final_correlation < 0.5), method

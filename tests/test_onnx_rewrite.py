@@ -1,8 +1,10 @@
 """ONNX rewrites for onnx2torch: explicit pads for auto_pad, checked by hand and against onnxruntime,
-and the adapter's conversion ladder on an old SAME_UPPER file and on a file nothing can convert."""
+Identity over initializers inlined, the adapter's conversion ladder on an old SAME_UPPER file and on a
+file nothing can convert, and a torchvision ResNet-18 exported straight from initialisation."""
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -15,7 +17,11 @@ from onnx import TensorProto, helper, numpy_helper
 
 from audit.models import InputSpec, load_model, onnx_adapter
 from audit.models.base import Capability
-from audit.models.onnx_rewrite import explicit_pads, same_pads
+from audit.models.onnx_rewrite import (
+    explicit_pads,
+    inline_identity_initializers,
+    same_pads,
+)
 from tests.onnx_fixtures import opset7_same_upper, unconvertible
 
 
@@ -149,3 +155,100 @@ def test_unconvertible_file_runs_on_onnxruntime_without_gradients(tmp_path: Path
         "(OperationDescription(domain='', operation_type='LpNormalization', version=1)); tried as is, at opset 17)"
     )
     assert not any(n.startswith("rewritten for onnx2torch") for n in adapter.notes)
+
+
+def shared_bias(ir_version: int) -> onnx.ModelProto:
+    """Two convolutions on one bias handed out through Identity nodes, the way torch.onnx deduplicates
+    equal initializers: a chain (b -> b1 -> b2) and an Identity that is also a graph output."""
+    w = numpy_helper.from_array(np.array([[[1.0, -2.0, 0.5]]], dtype=np.float32), "w")
+    b = numpy_helper.from_array(np.array([0.25], dtype=np.float32), "b")
+    nodes = [
+        helper.make_node("Identity", ["b"], ["b1"], name="i1"),
+        helper.make_node("Identity", ["b1"], ["b2"], name="i2"),
+        helper.make_node("Conv", ["x", "w", "b2"], ["h"], name="c1", pads=[1, 1]),
+        helper.make_node("Identity", ["b"], ["bias"], name="i3"),
+        helper.make_node("Conv", ["h", "w", "bias"], ["y"], name="c2", pads=[1, 1]),
+    ]
+    inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 1, 8])]
+    if ir_version < 4:
+        inputs += [helper.make_tensor_value_info(t.name, TensorProto.FLOAT, list(t.dims)) for t in (w, b)]
+    outputs = [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, 1, 8]), helper.make_tensor_value_info("bias", TensorProto.FLOAT, [1])]
+    graph = helper.make_graph(nodes, "g", inputs, outputs, [w, b])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 7 if ir_version < 4 else 17)], ir_version=ir_version)
+
+
+@pytest.mark.parametrize("ir_version", [3, 8])
+def test_identity_over_initializers_is_inlined(ir_version: int) -> None:
+    from onnx2torch import convert
+
+    model = shared_bias(ir_version)
+    with pytest.raises(KeyError):
+        convert(model)
+    rewritten, changes = inline_identity_initializers(model)
+    assert changes == [
+        "Identity 'i1': 'b1' is now an initializer, a copy of 'b'",
+        "Identity 'i2': 'b2' is now an initializer, a copy of 'b'",
+        "Conv 'c2': reads initializer 'b' instead of graph output 'bias'",
+    ]
+    onnx.checker.check_model(rewritten, full_check=True)
+    assert [(n.name, list(n.input)) for n in rewritten.graph.node] == [("c1", ["x", "w", "b2"]), ("i3", ["b"]), ("c2", ["h", "w", "b"])]
+    assert [o.name for o in rewritten.graph.output] == ["y", "bias"]
+    assert {t.name for t in rewritten.graph.initializer} == {"w", "b", "b1", "b2"}
+    if ir_version < 4:
+        assert [i.name for i in rewritten.graph.input] == ["x", "w", "b", "b1", "b2"]  # IR 3 lists initializers as inputs
+    assert len(model.graph.node) == 5  # the input model is left as it was
+    x = np.random.default_rng(0).standard_normal((2, 1, 8)).astype(np.float32)
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    y, bias = ort.InferenceSession(rewritten.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})
+    assert np.array_equal(y, session.run(["y"], {"x": x})[0]) and np.array_equal(bias, [0.25])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        module = convert(rewritten)
+    with torch.no_grad():
+        assert np.allclose(module(torch.from_numpy(x))[0].numpy(), y, rtol=1e-6, atol=1e-6)
+    assert inline_identity_initializers(rewritten)[1] == []  # nothing left to do: the kept Identity feeds only the output
+
+
+RESNET_SIZE = 64  # ResNet-18 runs at any size from 32 up; small keeps the export and the checks quick
+
+
+@pytest.fixture(scope="module")
+def resnet18_from_init(tmp_path_factory: pytest.TempPathFactory) -> tuple[torch.nn.Module, Path]:
+    """torchvision's ResNet-18 with random weights, exported the TorchScript way: the zero biases of its
+    BatchNorms, folded into the convolutions, come out deduplicated behind Identity nodes, which
+    onnx2torch cannot read."""
+    torchvision = pytest.importorskip("torchvision")
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(weights=None).eval()
+    path = tmp_path_factory.mktemp("resnet") / "resnet18.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model, (torch.zeros(1, 3, RESNET_SIZE, RESNET_SIZE),), str(path), dynamo=False, opset_version=17,
+                          input_names=["x"], output_names=["y"], dynamic_axes={"x": {0: "n"}, "y": {0: "n"}})
+    return model, path
+
+
+def test_resnet18_from_init_converts_with_gradients(resnet18_from_init: tuple[torch.nn.Module, Path]) -> None:
+    model, path = resnet18_from_init
+    identities = sum(n.op_type == "Identity" for n in onnx.load(str(path)).graph.node)
+    assert identities > 0  # the exporter artefact this test is about is there
+    adapter = load_model(path, InputSpec(), "cpu")
+    assert adapter.capabilities[Capability.GRADIENTS] is None, adapter.notes
+    assert sum(n.startswith("rewritten for onnx2torch: Identity ") for n in adapter.notes) == 4
+    assert f"rewritten for onnx2torch: {identities - 4} more changes of the same kinds" in adapter.notes
+    module = adapter.torch_module()
+    assert module is not None
+
+    x = batch(2, RESNET_SIZE)
+    out = adapter.forward(x)["output"]
+    assert np.allclose(torch_out(module, x), out, rtol=1e-4, atol=1e-4)
+    assert np.allclose(torch_out(model, x), out, rtol=1e-4, atol=1e-4)
+
+    def input_gradient(net: torch.nn.Module, target: int = 7) -> np.ndarray:
+        inputs = torch.from_numpy(x).requires_grad_(True)
+        net(inputs)[:, target].sum().backward()
+        assert inputs.grad is not None
+        return inputs.grad.numpy()
+
+    converted, reference = input_gradient(module), input_gradient(model)
+    assert np.allclose(converted, reference, rtol=1e-3, atol=1e-4 * float(np.abs(reference).max()))

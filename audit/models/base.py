@@ -22,6 +22,8 @@ from audit.manifest import sha256_file
 if TYPE_CHECKING:
     import torch
 
+    from audit.models.onnx_forward import OnnxForward
+
 
 class Capability(str, Enum):
     GRADIENTS = "gradients"  # d(output)/d(input) through a torch module
@@ -91,6 +93,11 @@ class ModelAdapter(ABC):
     @abstractmethod
     def torch_module(self) -> torch.nn.Module | None:
         """A differentiable module taking NCHW input and returning the raw selected output."""
+
+    def forward_runtime(self, example: np.ndarray) -> tuple[OnnxForward | None, str | None]:
+        """A faster runner of the selected output alone, for forward-only checks, and a one-line note for
+        the report; (None, None) where `forward` is already the one to use (ONNX files run in onnxruntime)."""
+        return None, None
 
     def embedding_source(self) -> str | None:
         """The module (torch: the head, whose input is read) or tensor (ONNX) the embedding comes from."""

@@ -1,10 +1,11 @@
 """ONNX models: inference through onnxruntime, gradients through an onnx2torch conversion.
 
-Real-world files are messy: old opsets, auto_pad that onnx2torch refuses (see onnx_rewrite), a batch
-dimension fixed to 1, inputs named anything, several outputs, channels-last layouts. The adapter copes
-with each, and when the conversion to torch fails or disagrees with onnxruntime, gradient capabilities
-are withdrawn with the reason. Taps (embedding, layer:TENSOR) never need the conversion: they are extra
-graph outputs of an onnxruntime session.
+Real-world files are messy: old opsets, auto_pad and initializers shared through Identity nodes
+that onnx2torch refuses (see onnx_rewrite), a batch dimension fixed to 1, inputs named anything,
+several outputs, channels-last layouts. The adapter copes with each, and when the conversion to torch
+fails or disagrees with onnxruntime, gradient capabilities are withdrawn with the reason. Taps
+(embedding, layer:TENSOR) never need the conversion: they are extra graph outputs of an onnxruntime
+session.
 """
 
 from __future__ import annotations
@@ -35,6 +36,8 @@ from audit.models.onnx_rewrite import rewrite_for_conversion
 CONVERTER_OPSETS = (17, 13)  # opsets onnx2torch covers well; other files are converted to these first
 AGREEMENT_TOLERANCE = 1e-3
 
+
+LISTED_REWRITES = 4  # rewrite notes listed one by one; an exported ResNet has 16 Identity nodes, EfficientNet 59
 
 def _static_dims(value_info: onnx.ValueInfoProto) -> list[int | str | None]:
     dims: list[int | str | None] = []
@@ -400,9 +403,10 @@ class _Attempt:
 def convert_to_torch(
     model: onnx.ModelProto, notes: list[str], input_dims: Mapping[str, Sequence[int | None]] | None = None
 ) -> tuple[Any | None, str]:
-    """onnx2torch on the file as it is, then rewritten (explicit pads, ...), then rewritten and upgraded
-    to the opsets it covers best (17, 13). The reason on failure quotes the attempt that got furthest:
-    the last one onnx2torch itself refused, since it had the most obstacles removed already.
+    """onnx2torch on the file as it is, then rewritten (Identity over initializers inlined, explicit pads),
+    then rewritten and upgraded to the opsets it covers best (17, 13). The reason on failure quotes the
+    attempt that got furthest: the last one onnx2torch itself refused, since it had the most obstacles
+    removed already.
     """
     from onnx2torch import convert
 
@@ -432,7 +436,9 @@ def convert_to_torch(
             converter_error = first_line(exc)
             continue
         if attempt.rewritten:
-            notes.extend(f"rewritten for onnx2torch: {change}" for change in changes)
+            notes.extend(f"rewritten for onnx2torch: {change}" for change in changes[:LISTED_REWRITES])
+            if len(changes) > LISTED_REWRITES:
+                notes.append(f"rewritten for onnx2torch: {len(changes) - LISTED_REWRITES} more changes of the same kinds")
         if attempt.opset != native:
             notes.append(f"opset {native} converted to opset {attempt.opset} for onnx2torch")
         return graph_module, ""

@@ -1,10 +1,13 @@
 """Semantics-preserving ONNX graph rewrites that let onnx2torch convert files it would otherwise refuse.
 
 Old exporters (opset 7 and thereabouts) wrote `auto_pad=SAME_UPPER` on convolutions and pools;
-onnx2torch only takes explicit `pads`. The rewrites here compute what the ONNX spec says the runtime
-does and write it down explicitly, so the graph computes the same function. Each returns a new model
-and one line per change for the adapter's notes; the adapter still checks the converted module
-against onnxruntime, so a rewrite that got something wrong withdraws gradients instead of lying.
+onnx2torch only takes explicit `pads`. torch.onnx's TorchScript exporter deduplicates initializers
+with equal values (a freshly initialised network has many: its zero biases, those of the BatchNorms
+folded into convolutions included) and hands the copies out through Identity nodes, while onnx2torch
+reads Conv / Gemm / BatchNorm parameters from initializers only. The rewrites here compute what the
+ONNX spec says the runtime does and write it down explicitly, so the graph computes the same function. Each returns a new model and one line
+per change for the adapter's notes; the adapter still checks the converted module against
+onnxruntime, so a rewrite that got something wrong withdraws gradients instead of lying.
 """
 
 from __future__ import annotations
@@ -133,10 +136,67 @@ def explicit_pads(model: onnx.ModelProto, input_dims: Mapping[str, Dims] | None 
     return rewritten, changes
 
 
-def rewrite_for_conversion(model: onnx.ModelProto, input_dims: Mapping[str, Dims] | None = None) -> tuple[onnx.ModelProto, list[str]]:
-    """Every rewrite onnx2torch needs on old files, in order; the model is returned untouched if none applies.
+def _is_identity(node: onnx.NodeProto) -> bool:
+    return node.op_type == "Identity" and node.domain in ("", "ai.onnx") and len(node.input) == 1 and len(node.output) == 1
 
-    Initializers listed as graph inputs (IR < 4) are left alone: onnx2torch and the version converter
-    both cope with them.
+
+def inline_identity_initializers(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[str]]:
+    """Replace Identity nodes over initializers (and chains of them) by copies of the initializer.
+
+    Each removed Identity's output becomes an initializer of the same name and value, so every consumer
+    (and any subgraph) still finds the name, now as the constant onnx2torch wants. An Identity whose
+    output is a graph output stays, so the graph keeps its outputs; its consumers in the main graph read
+    the initializer instead. In IR < 4 files, where initializers are also graph inputs, the copies are too.
     """
-    return explicit_pads(model, input_dims)
+    graph = model.graph
+    initializers = {t.name: t for t in graph.initializer}
+    graph_outputs = {o.name for o in graph.output}
+    root: dict[str, str] = {}  # Identity output -> the initializer it copies
+    for node in graph.node:  # topological order: a chain's earlier links come first
+        if _is_identity(node) and node.output[0] not in initializers:
+            source = root.get(node.input[0], node.input[0])
+            if source in initializers:
+                root[node.output[0]] = source
+    if not root:
+        return model, []
+    rewritten = copy.deepcopy(model)
+    graph = rewritten.graph
+    inputs = {i.name: i for i in graph.input}
+    kept: list[onnx.NodeProto] = []
+    copies: list[onnx.TensorProto] = []
+    changes: list[str] = []
+    rewired = {name: source for name, source in root.items() if name in graph_outputs}
+    for index, node in enumerate(graph.node):
+        name = node.output[0] if _is_identity(node) else ""
+        if name in root and name not in graph_outputs:
+            source = root[name]
+            tensor = copy.deepcopy(initializers[source])
+            tensor.name = name
+            copies.append(tensor)
+            if source in inputs:
+                graph.input.append(copy.deepcopy(inputs[source]))
+                graph.input[-1].name = name
+            changes.append(f"{_label(node, index)}: {name!r} is now an initializer, a copy of {source!r}")
+            continue
+        for i in [i for i, value in enumerate(node.input) if value in rewired]:
+            changes.append(f"{_label(node, index)}: reads initializer {rewired[node.input[i]]!r} instead of graph output {node.input[i]!r}")
+            node.input[i] = rewired[node.input[i]]
+        kept.append(node)
+    if not changes:
+        return model, []
+    del graph.node[:]
+    graph.node.extend(kept)
+    graph.initializer.extend(copies)
+    return rewritten, changes
+
+
+def rewrite_for_conversion(model: onnx.ModelProto, input_dims: Mapping[str, Dims] | None = None) -> tuple[onnx.ModelProto, list[str]]:
+    """Every rewrite onnx2torch needs (Identity over initializers, then explicit pads, whose kernel sizes
+    then come straight from the weights), in order; the model is returned untouched if none applies.
+
+    Initializers listed as graph inputs (IR < 4) are otherwise left alone: onnx2torch and the version
+    converter both cope with them.
+    """
+    model, inlined = inline_identity_initializers(model)
+    model, padded = explicit_pads(model, input_dims)
+    return model, inlined + padded

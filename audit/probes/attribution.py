@@ -19,7 +19,12 @@ import pandas as pd
 import torch
 from pydantic import Field, field_validator
 
-from audit.attribution.evaluation import curve_ends, deletion_curve, randomisation_tests
+from audit.attribution.evaluation import (
+    MAX_STEPS,
+    curve_ends,
+    deletion_curve,
+    randomisation_tests,
+)
 from audit.attribution.methods import (
     METHODS,
     AttributionParams,
@@ -83,6 +88,8 @@ class AttributionProbeParams(ProbeParams):
     internal_batch_size: int = Field(default=64, ge=1, description="most images in one forward/backward pass")
     deletion_steps: int = Field(default=16, ge=2, description="steps of the deletion curve (faithfulness)")
     sanity_samples: int = Field(default=16, ge=2, description="images in the randomisation test")
+    sanity_steps: int | None = Field(default=MAX_STEPS, ge=1, description=(
+        "cascading steps of the randomisation test, head first, at block granularity; null: one per parameterised layer"))
     sanity_threshold: float = Field(default=0.5, gt=0, le=1, description="rank correlation after randomising the weights above which a method is not trusted")
 
     @field_validator("methods")
@@ -291,7 +298,8 @@ class Attribution(Probe):
         if not gradient:
             return out
         try:
-            results = randomisation_tests(module, make_forward, gradient, x, target, settings, norm, seed=self.context.seed)
+            results = randomisation_tests(module, make_forward, gradient, x, target, settings, norm, seed=self.context.seed,
+                                         max_steps=self.params.sanity_steps)
         except Exception as exc:  # noqa: BLE001 - e.g. a model without parameterised layers
             results = dict.fromkeys(gradient, exc)
         for method, result in results.items():

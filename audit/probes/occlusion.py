@@ -60,6 +60,9 @@ class OcclusionParams(ProbeParams):
     max_samples: int = Field(default=1024, ge=1, description="samples in all")
     window: int | None = Field(default=None, ge=1, description="occluding patch side in pixels; unset: about 1/8 of the side")
     stride: int | None = Field(default=None, ge=1, description="patch stride; unset: half the window")
+    fine_grid_side: int | None = Field(default=96, ge=8, description=(
+        "largest input side that gets the fine grid (window 1/8 of the side, 225 windows); larger inputs get fewer, larger windows "
+        "at the same cost in pixels (36 at 224 px); null: the fine grid at any size"))
     baseline: Literal["zeros", "blur", "mean"] = Field(default="zeros", description="what covers a region: black, a blurred copy, or the mean colour")
     perturbations_per_eval: int = Field(default=256, ge=1, description="occluded images per forward pass")
     batch_size: int = Field(default=16, ge=1, description="images explained together")
@@ -91,7 +94,7 @@ class Occlusion(Probe):
     Params = OcclusionParams
     profile_defaults = {
         "smoke": {"per_class": 12, "max_samples": 48, "deletion_steps": 8},
-        "thorough": {"per_class": 128, "max_samples": 2048, "deletion_steps": 24},
+        "thorough": {"per_class": 128, "max_samples": 2048, "deletion_steps": 24, "fine_grid_side": None},
     }
     references = [METHODS["occlusion"].reference]
     metrics = (
@@ -134,7 +137,8 @@ class Occlusion(Probe):
 
     def _settings(self) -> AttributionParams:
         p = self.params
-        return AttributionParams(baseline=p.baseline, occlusion_window=p.window, occlusion_stride=p.stride, perturbations_per_eval=p.perturbations_per_eval,
+        return AttributionParams(baseline=p.baseline, occlusion_window=p.window, occlusion_stride=p.stride,
+                                 occlusion_fine_side=p.fine_grid_side, perturbations_per_eval=p.perturbations_per_eval,
                                  internal_batch_size=max(p.perturbations_per_eval, p.batch_size), batch_size=p.batch_size, seed=self.context.seed)
 
     def detail(self, batch: DetailBatch) -> DetailOutput:
@@ -169,7 +173,7 @@ class Occlusion(Probe):
 
     def reduce(self, data: ProbeData) -> Evidence:
         h, w = self.context.prep.input_size
-        window, stride = occlusion_geometry(h, w, AttributionParams(occlusion_window=self.params.window, occlusion_stride=self.params.stride))
+        window, stride = occlusion_geometry(h, w, self._settings())
         return self._evidence(data.tables["occlusion"], window, stride)
 
     def _evidence(self, table: pd.DataFrame, window: tuple[int, int], stride: tuple[int, int]) -> Evidence:

@@ -67,6 +67,7 @@ class AttributionParams:
     grid: int = 8
     occlusion_window: int | None = None
     occlusion_stride: int | None = None
+    occlusion_fine_side: int | None = None
     perturbations_per_eval: int = 32
     batch_size: int = 32
     layer: str | None = None
@@ -200,13 +201,25 @@ def positive_mass(maps: np.ndarray | Tensor) -> np.ndarray:
 
 
 def occlusion_geometry(height: int, width: int, params: AttributionParams) -> tuple[tuple[int, int], tuple[int, int]]:
-    """Window about 1/8 of each side and stride half the window, unless the params fix them."""
+    """Window and stride of the occluding patch, unless the params fix them: the fine grid (window
+    about 1/8 of each side, stride half of it: 15 positions a side, 225 windows) on inputs of at
+    most `occlusion_fine_side` pixels a side (None: at any size). Larger inputs get fewer, larger
+    windows, as many as keep the fine grid's cost in pixels at that side (each window is one
+    forward pass over the whole image) and at least 4 a side: 6 a side (36 windows) at 224 px for a fine side of 96,
+    where the fine grid would take 225 passes per image."""
+    fine = params.occlusion_fine_side
+    coarse = fine is not None and height * width > fine * fine
+    positions = max(4, int(15 * fine / math.sqrt(height * width))) if coarse else 0  # type: ignore[operator]
     window = []
     stride = []
     for side in (height, width):
-        w = params.occlusion_window or max(1, round(side / 8))
+        if coarse:
+            step = math.ceil(side / (positions + 1))
+            w, s = params.occlusion_window or min(side, 2 * step), params.occlusion_stride or step
+        else:
+            w = params.occlusion_window or max(1, round(side / 8))
+            s = params.occlusion_stride or max(1, min(w, side) // 2)
         w = min(w, side)
-        s = params.occlusion_stride or max(1, w // 2)
         window.append(w)
         stride.append(min(s, w))
     return (window[0], window[1]), (stride[0], stride[1])
