@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import math
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -26,6 +27,7 @@ if TYPE_CHECKING:
 __all__ = ["RunOutcome", "exit_code", "render", "run_audit", "sort_findings", "verdict"]
 
 EVIDENCE_THUMBNAILS = 6  # thumbnails per non-passing finding
+BUDGET_PER_CLASS = 5  # detail samples per class a time budget leaves any probe, whatever its rules need
 
 
 @dataclass
@@ -39,14 +41,15 @@ class RunOutcome:
 
 
 def _progress_factory(say: Callable[[str], None] | None):  # type: ignore[no-untyped-def]
-    """Bars for the per-sample stages, each announced by a stage line first: tqdm draws nothing when
-    stderr is not a terminal (a CI log), and the line still says what the run is doing."""
+    """Bars for the per-sample stages (tqdm's, with the time left), each announced by a stage line first,
+    with the stage's expected time where it is known: tqdm draws nothing when stderr is not a terminal
+    (a CI log), and the line still says what the run is doing and for how long."""
     from tqdm.auto import tqdm
 
-    def make(**kwargs: Any):  # type: ignore[no-untyped-def]
+    def make(note: str | None = None, **kwargs: Any):  # type: ignore[no-untyped-def]
         if say is not None:
             total, unit = kwargs["total"], kwargs.get("unit", "item")
-            say(f"{kwargs.get('desc', 'working')}: {total} {unit}{'' if total == 1 else 's'}")
+            say(f"{kwargs.get('desc', 'working')}: {total} {unit}{'' if total == 1 else 's'}" + (f", {note}" if note else ""))
         return tqdm(disable=True if say is None else None, leave=False, dynamic_ncols=True, **kwargs)
 
     return make
@@ -100,10 +103,12 @@ def _audit_into(folder: RunFolder, config: AuditConfig, registry: dict[str, type
     context = RunContext(manifest=manifest, model=model, classes=classes, prep=prep, interpretation=interpretation,
                          seed=config.seed, profile=config.profile, sample_images=config.sample_images,
                          reference_domain=config.reference_domain, progress=_progress_factory(stage_lines(config.quiet)),
-                         batch_size=config.batch_size)
+                         batch_size=config.batch_size, say=say)
     plan = build_plan(selection, registry, context, first)
     executor = LocalExecutor(context, store, plan, config.workers, on_skip=manifest.skip, chunk_samples=config.chunk_samples,
                              on_mask=manifest.mask_problem)
+    executor.time_budget, executor.started = config.time_budget, clock
+    executor.floors = support_floors(rules, declared, plan, len(classes), len(manifest.domains))
     outcomes = executor.run()
 
     metrics = {**run_metrics(manifest), **{k: v for o in outcomes.values() if o.evidence for k, v in o.evidence.metrics.items()}}
@@ -127,6 +132,7 @@ def _audit_into(folder: RunFolder, config: AuditConfig, registry: dict[str, type
         probes={name: probe_record(registry[name], o, declared) for name, o in outcomes.items()},
         rules=[r.public_dict() for r in rules], findings=findings, thumbnails=thumbnails,
         provenance=environment(model.device, config.seed), gate=gate(findings, config.fail_on),
+        budget=budget_record(config.time_budget, executor.pass_costs, outcomes),
     )
     sha = store.write_results(record.as_dict())
     try:
@@ -139,6 +145,34 @@ def _audit_into(folder: RunFolder, config: AuditConfig, registry: dict[str, type
     out = folder.commit()
     reports = {name: out / path.relative_to(store.root) for name, path in reports.items()}
     return RunOutcome(out, record.as_dict(), sha, record.gate["exit_code"], reports)
+
+
+def support_floors(rules: Sequence[Any], declared: Declarations, plan: Any, classes: int, domains: int) -> dict[str, int]:
+    """Fewest detail samples a time budget may leave each probe: what its rules need to judge every
+    scope they are evaluated on (`min_support` per class, domain, ... times how many there are), and
+    what the rules of probes that read its tables need (the background probe judges the attribution
+    probe's maps); and, rules or not, `BUDGET_PER_CLASS` samples a class."""
+    sizes = {"class": max(1, classes), "domain": max(1, domains)}
+    floors: dict[str, int] = {probe.name: BUDGET_PER_CLASS * sizes["class"] for probe in plan.probes}
+    for rule in rules:
+        owner = declared.owner.get(rule.metric)
+        if owner is None:
+            continue
+        groups = max(math.prod(sizes.get(part, 1) for part in kind.split("/")) for kind in rule.aggregate.kinds)
+        floors[owner] = max(floors.get(owner, 1), rule.min_support * groups)
+    for probe in reversed(plan.probes):  # consumers come after their producers
+        for needed in probe.consumes:
+            producer = plan.producers.get(needed.table)
+            if producer is not None and probe.name in floors:
+                floors[producer] = max(floors.get(producer, 1), floors[probe.name])
+    return floors
+
+
+def budget_record(time_budget: float | None, costs: Any, outcomes: dict[str, ProbeOutcome]) -> dict[str, Any]:
+    """What results.json says about cost: the budget, the measured pass costs, the samples it cut."""
+    reduced = {name: {"from": o.cost["planned_samples"], "to": o.cost["samples"]} for name, o in outcomes.items()
+               if o.cost is not None and o.cost["samples"] < o.cost["planned_samples"]}
+    return {"time_budget": time_budget, "pass_costs": costs.as_dict() if costs is not None else None, "reduced": reduced}
 
 
 def run_metrics(manifest: Manifest) -> dict[str, float]:
@@ -165,6 +199,7 @@ def probe_record(cls: type[Probe], outcome: ProbeOutcome, declared: Declarations
         references=list(dict.fromkeys(cls.references + (evidence.references if evidence else []))),
         units=declared.units(cls.name), notes=evidence.notes if evidence else [], details=evidence.details if evidence else {},
         tables=outcome.tables, arrays=outcome.arrays, consumes=[c.table for c in cls.consumes], detail_samples=outcome.detail_samples,
+        cost=outcome.cost, peak_memory=outcome.peak_memory,
     )
 
 

@@ -86,6 +86,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--workers", type=int, metavar="N", help="threads decoding inputs ahead of the model (default 2; 0 decodes inline)")
     run.add_argument("--chunk-samples", type=int, metavar="N",
                      help="detail-stage samples per chunk written to the run folder (default 256); results do not depend on it")
+    run.add_argument("--time-budget", metavar="DURATION",
+                     help="fit the whole audit in DURATION (e.g. 10m, 1h30m, 90s): after the shared pass the detail stages' "
+                          "sample counts are cut, stratified and never below what a rule needs; the report says which")
     run.add_argument("--no-sample-images", action="store_true", help="keep every input image, thumbnail and heatmap out of the reports")
     run.add_argument("--quiet", action="store_true", help="no progress bars or summary")
 
@@ -113,7 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 _FLAG_KEYS = ("model", "manifest", "weights", "input_size", "channels", "mean", "std", "layout", "output_kind", "output_name", "embedding_layer",
               "data_root", "probes", "profile", "rule_files", "out", "fail_on", "device", "seed", "max_samples", "batch_size", "chunk_samples",
-              "max_image_pixels", "workers")
+              "max_image_pixels", "workers", "time_budget")
 
 
 def config_from_args(args: argparse.Namespace) -> Any:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import datetime as dt
 import os
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -134,8 +135,14 @@ class AuditConfig(_Strict):
     batch_size: int = Field(default=64, ge=1)
     workers: int = Field(default=2, ge=0)
     chunk_samples: int = Field(default=256, ge=1)  # detail-stage samples per chunk written to the run store
+    time_budget: float | None = Field(default=None, gt=0)  # seconds the whole audit may take; "10m", "1h30m", "90s" accepted
     reference_domain: str | None = None
     model_card: ModelCard | None = None
+
+    @field_validator("time_budget", mode="before")
+    @classmethod
+    def _duration(cls, v: Any) -> Any:
+        return parse_duration(v) if isinstance(v, str) else v
 
     @field_validator("input_size")
     @classmethod
@@ -167,6 +174,23 @@ class AuditConfig(_Strict):
 
     def public_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
+
+
+_DURATION = re.compile(r"(?:(\d+(?:\.\d*)?)h)?(?:(\d+(?:\.\d*)?)m(?:in)?)?(?:(\d+(?:\.\d*)?)s)?")
+
+
+def parse_duration(text: str) -> float:
+    """Seconds in '10m', '1h30m', '90s', '2.5h' or a plain number of seconds."""
+    compact = text.strip().replace(" ", "").lower()
+    try:
+        return float(compact)
+    except ValueError:
+        pass
+    match = _DURATION.fullmatch(compact)
+    if not compact or match is None or not any(match.groups()):
+        raise ValueError(f"{text!r} is not a duration (e.g. 10m, 1h30m, 90s)")
+    hours, minutes, seconds = (float(g) if g else 0.0 for g in match.groups())
+    return hours * 3600 + minutes * 60 + seconds
 
 
 def _model_stem(model: Path) -> str:

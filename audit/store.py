@@ -29,7 +29,7 @@ import pandas as pd
 
 from audit.errors import InputError
 
-SCHEMA_VERSION = "1.2"  # 1.1: probes.arrays, consumes, detail_samples; info findings; bound; model.taps. 1.2: gate
+SCHEMA_VERSION = "1.3"  # 1.1: probes.arrays, consumes, detail_samples; info findings; bound; model.taps. 1.2: gate. 1.3: budget, probes.cost, peak_memory
 _UMASK = os.umask(0o022)
 os.umask(_UMASK)
 RESULTS = "results.json"
@@ -220,11 +220,14 @@ class ProbeRecord:
     arrays: dict[str, str] = field(default_factory=dict)
     consumes: list[str] = field(default_factory=list)
     detail_samples: int | None = None
+    cost: dict[str, Any] | None = None
+    peak_memory: int | None = None
 
     def as_dict(self) -> dict[str, Any]:
-        out = {k: v for k, v in vars(self).items() if k not in ("arrays", "consumes", "detail_samples")}
+        late = ("arrays", "consumes", "detail_samples", "cost", "peak_memory")
+        out = {k: v for k, v in vars(self).items() if k not in late}
         out["seconds"] = round(self.seconds, 3)
-        out.update(arrays=self.arrays, consumes=self.consumes, detail_samples=self.detail_samples)
+        out.update({k: getattr(self, k) for k in late})
         return out
 
 
@@ -259,6 +262,7 @@ class RunRecord:
     thumbnails: dict[str, str]
     provenance: dict[str, Any]
     gate: dict[str, Any]
+    budget: dict[str, Any] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
         t = self.times
@@ -278,6 +282,7 @@ class RunRecord:
                 "sample_images": self.sample_images,
             },
             "gate": self.gate,
+            "budget": self.budget,
             "model": self.model,
             "manifest": self.manifest,
             "preprocessing": self.preprocessing,

@@ -66,6 +66,7 @@ class DeletionResult:
     curves: np.ndarray
     auc: np.ndarray
     mean_auc: float
+    passes: int = 0  # images that went through the model (rows sharing a removal share one)
 
 
 def spearman_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -400,6 +401,7 @@ def deletion_curve(
     done = [0] * per_call
     target_d = target.to(x.device)
     shared = None if images is None else removal_classes(ranking.cpu().numpy(), removed, np.asarray(images))
+    passes = 0
     with torch.no_grad():
         for k0 in range(first, last, per_call):
             ks = range(k0, min(k0 + per_call, last))
@@ -412,6 +414,7 @@ def deletion_curve(
             else:
                 batch = torch.cat([buffer[j][torch.from_numpy(shared[k][0]).to(x.device)] for j, k in enumerate(ks)]).reshape(-1, *x.shape[1:])
             probs = torch.as_tensor(forward_probs(batch)).to(x.device)
+            passes += len(batch)
             if shared is not None:  # each row reads the pass of the first row that removed the same pixels
                 starts = np.cumsum([0, *(len(shared[k][0]) for k in ks)])
                 probs = torch.cat([probs[int(starts[j]) :][torch.from_numpy(shared[k][1]).to(x.device)] for j, k in enumerate(ks)])
@@ -419,4 +422,4 @@ def deletion_curve(
             picked = probs.gather(2, target_d[None, :, None].expand(len(ks), n, 1))[..., 0]
             curves[:, k0 : k0 + len(ks)] = picked.double().cpu().numpy().T
     auc = np.trapezoid(curves, fractions, axis=1)
-    return DeletionResult(order=order, fractions=fractions, curves=curves, auc=auc, mean_auc=float(auc.mean()))
+    return DeletionResult(order=order, fractions=fractions, curves=curves, auc=auc, mean_auc=float(auc.mean()), passes=passes)

@@ -12,8 +12,10 @@ probe that was skipped or failed is skipped with the reason.
 
 from __future__ import annotations
 
+import resource
+import sys
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -21,6 +23,7 @@ import pandas as pd
 
 from audit.data import Batch, iter_batches, iter_groups
 from audit.errors import first_line
+from audit.execution.costs import RENDER_RESERVE, PassCosts, allocate, duration
 from audit.manifest import Sample
 from audit.probes.base import (
     ContractError,
@@ -52,6 +55,8 @@ class ProbeOutcome:
     tables: dict[str, str] = field(default_factory=dict)  # name -> path relative to the run folder
     arrays: dict[str, str] = field(default_factory=dict)
     detail_samples: int | None = None
+    cost: dict[str, Any] | None = None  # the forecast: samples (planned and chosen), passes, expected seconds
+    peak_memory: int | None = None  # peak resident memory of the process up to the end of this probe, bytes
 
     def fail(self, stage: str, exc: BaseException) -> None:
         self.status = "error"
@@ -157,6 +162,10 @@ class LocalExecutor:
         self.chunk_samples = chunk_samples
         self.forward_seconds = 0.0
         self.load_seconds = 0.0
+        self.time_budget: float | None = None  # seconds the whole audit may take, counted from `started`
+        self.started = time.perf_counter()
+        self.floors: Mapping[str, int] = {}  # fewest detail samples a budget may leave each probe (its rules' min_support)
+        self.pass_costs: PassCosts | None = None
 
     def run(self) -> dict[str, ProbeOutcome]:
         """Outcomes of every selected probe (report order): the planned ones run, the others skipped."""
@@ -164,15 +173,85 @@ class LocalExecutor:
         for name, reason in self.plan.skipped.items():
             outcomes[name].skip(reason)
         self.shared_pass(list(self.context.manifest.samples), outcomes)
+        self.forecast(outcomes)
         for probe in self.plan.probes:
             self.run_probe(probe, outcomes)
         return outcomes
+
+    def forecast(self, outcomes: dict[str, ProbeOutcome]) -> None:
+        """Price every live probe's detail stage before any starts, from the passes its plan needs and
+        what a pass costs on this model; under a time budget, choose the detail sample counts that fit
+        (the probes re-select with `sample_limit`). Prints the plan. A probe whose select fails here
+        gets no forecast; it fails in its own turn, with its own stage."""
+        live = [p for p in self.plan.probes if outcomes[p.name].status == "ok"]
+        rows = {}
+        for probe in live:
+            outcome = outcomes[probe.name]
+            outcome.rows = [pd.concat(outcome.rows, ignore_index=True)] if outcome.rows else []
+            rows[probe.name] = outcome.rows[0] if outcome.rows else pd.DataFrame({"id": []})
+
+        def planned(probe: Probe, limit: int | None) -> Any:
+            probe.sample_limit = limit
+            try:
+                plan = probe.select(rows[probe.name], ProbeInputs(self.store, probe.consumes, set()))
+                return (plan, probe.passes(plan)) if plan is not None else None
+            except Exception:  # noqa: BLE001 - the probe's own select reports it, in its turn
+                return None
+            finally:
+                probe.sample_limit = None
+
+        full = {p.name: planned(p, None) for p in live}
+        priced = {name: value for name, value in full.items() if value is not None}
+        if not priced:
+            return
+        from audit.probes.model_functions import pass_timers
+
+        needs_gradient = any(passes.gradient > 0 for _, passes in priced.values())
+        try:
+            self.pass_costs = pass_timers(self.context, needs_gradient)
+        except Exception as exc:  # noqa: BLE001 - no forecast is no reason to stop the audit
+            self.context.say(f"plan: the pass costs could not be measured ({first_line(exc)}); no time estimates")
+            return
+        costs = self.pass_costs
+        by_name = {p.name: p for p in live}
+
+        def priced_at(name: str) -> Callable[[int | None], tuple[int, float]]:
+            def price(limit: int | None) -> tuple[int, float]:
+                value = full[name] if limit is None else planned(by_name[name], limit)
+                return (0, 0.0) if value is None else (value[0].loaded, costs.seconds(value[1]))
+            return price
+
+        limits: dict[str, int] = {}
+        if self.time_budget is not None:
+            spent = time.perf_counter() - self.started
+            available = self.time_budget - spent - RENDER_RESERVE
+            allocation = allocate({name: priced_at(name) for name in priced}, self.floors, available)
+            limits = allocation.limits
+            self.context.say(f"time budget {duration(self.time_budget)}: {duration(spent)} spent, {duration(RENDER_RESERVE)} kept for "
+                             f"the reports, {duration(max(available, 0))} for the probes' own passes"
+                             + ("" if allocation.met else f"; the rules' minimum samples need {duration(allocation.expected)}, over the budget"))
+        self.context.say(f"plan (per image: {costs.forward * 1e3:.1f} ms forward, {costs.gradient * 1e3:.1f} ms forward+backward):")
+        total = 0.0
+        for name, (plan, passes) in priced.items():
+            probe = by_name[name]
+            chosen = planned(probe, limits[name]) if name in limits else (plan, passes)
+            if name in limits:
+                probe.sample_limit = limits[name]
+            samples, expected = (chosen[0].loaded, costs.seconds(chosen[1])) if chosen is not None else (plan.loaded, costs.seconds(passes))
+            final = chosen[1] if chosen is not None else passes
+            total += expected
+            outcomes[name].cost = {"samples": samples, "planned_samples": plan.loaded, "forward_passes": round(final.forward),
+                                   "gradient_passes": round(final.gradient), "expected_seconds": round(expected, 3)}
+            reduced = f" of {plan.loaded} (time budget)" if samples < plan.loaded else ""
+            self.context.say(f"  {name}: {samples}{reduced} samples, expected {duration(expected)}")
+        self.context.say(f"  all probes: expected {duration(total)}")
 
     def shared_pass(self, samples: Sequence[Sample], outcomes: dict[str, ProbeOutcome]) -> None:
         batches = iter_batches(samples, self.context.prep, self.context.batch_size, self.workers, self.on_skip,
                                on_mask=self.on_mask)
         bar = self.context.progress(total=len(samples), desc="forward pass", unit="sample")
-        tick = time.perf_counter()
+        tick = start = time.perf_counter()
+        done = 0
         try:
             for batch in batches:
                 self.load_seconds += time.perf_counter() - tick
@@ -180,6 +259,10 @@ class LocalExecutor:
                 if taps is not None:
                     self._map(batch, taps, outcomes)
                 bar.update(len(batch))
+                if done == 0 and len(batch) < len(samples):  # the first batch prices the rest
+                    rate = (time.perf_counter() - start) / max(1, len(batch))
+                    self.context.say(f"forward pass: expected {duration(rate * len(samples))} for {len(samples)} samples")
+                done += len(batch)
                 tick = time.perf_counter()
         finally:
             bar.close()
@@ -259,13 +342,16 @@ class LocalExecutor:
                 stage = "detail"
                 outcome.detail_samples = plan.samples
                 detail = DetailStage(probe, plan, rows, self.context, self.store, self.workers, self.chunk_samples)
-                bar = self.context.progress(total=plan.samples, desc=probe.name, unit="sample")
+                expected = self._expected(probe, plan, outcome)
+                bar = self.context.progress(total=plan.samples, desc=probe.name, unit="sample",
+                                            note=f"expected {duration(expected)}" if expected is not None else None)
                 detail.progress = bar.update
                 try:
                     with probe.detail_session():
                         detail.run()
                         if plan.step:
                             stage = "step"
+                            self.context.say(f"{probe.name}: its whole-model step on {len(plan.step)} samples")
                             batch = detail.step_batch()
                             step = probe.step(batch) if batch is not None else None
                 finally:
@@ -289,6 +375,27 @@ class LocalExecutor:
         except Exception as exc:  # noqa: BLE001 - one probe's failure must not stop the audit
             outcome.fail(stage, exc)
         outcome.seconds += time.perf_counter() - tick
+        if probe.sample_limit is not None and outcome.evidence is not None and outcome.cost is not None:
+            outcome.evidence.notes.append(
+                f"The time budget ({duration(self.time_budget or 0)}) cut this probe's detail sample from "
+                f"{outcome.cost['planned_samples']} to {outcome.cost['samples']} samples, stratified as before and no fewer "
+                f"than its rules need to judge a scope.")
+        outcome.peak_memory = peak_memory()
+
+    def _expected(self, probe: Probe, plan: DetailPlan, outcome: ProbeOutcome) -> float | None:
+        """Seconds the plan about to run costs at the measured rates; its forecast is updated to it (the
+        real select has the other probes' tables, the forecast had none)."""
+        if self.pass_costs is None:
+            return None
+        try:
+            passes = probe.passes(plan)
+        except Exception:  # noqa: BLE001 - an estimate, never a failure
+            return None
+        expected = self.pass_costs.seconds(passes)
+        outcome.cost = {"samples": plan.loaded, "planned_samples": (outcome.cost or {}).get("planned_samples", plan.loaded),
+                        "forward_passes": round(passes.forward), "gradient_passes": round(passes.gradient),
+                        "expected_seconds": round(expected, 3)}
+        return expected
 
     def _write_map_table(self, probe: Probe, rows: pd.DataFrame) -> dict[str, str]:
         specs = [s for s in probe.provides if s.stage == "map"]
@@ -315,3 +422,9 @@ class _OwnTables(dict):  # type: ignore[type-arg]
             raise KeyError(name)
         self[name] = frame = self._store.read_table(name)
         return frame
+
+
+def peak_memory() -> int:
+    """Peak resident memory of this process so far, in bytes (ru_maxrss is KiB on Linux, bytes on macOS)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(peak if sys.platform == "darwin" else peak * 1024)

@@ -341,6 +341,7 @@ class TorchAdapter(ModelAdapter):
 
                 runtime, note = build_onnx_forward(self.module, example, self.device)
             self._forward_runtime = (runtime, note if runtime is not None else f"forward-only checks run in torch: {note}")
+            self.notes.append(self._forward_runtime[1])
         return self._forward_runtime
 
     def _hooks_reason(self) -> str | None:

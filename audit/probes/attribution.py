@@ -21,6 +21,8 @@ from pydantic import Field, field_validator
 
 from audit.attribution.evaluation import (
     MAX_STEPS,
+    _parameterised_layers,
+    cascade_steps,
     curve_ends,
     deletion_curve,
     randomisation_tests,
@@ -36,6 +38,7 @@ from audit.attribution.methods import (
     unsupported_reason,
 )
 from audit.errors import first_line
+from audit.execution.costs import Passes
 from audit.metrics.declarations import ColumnSpec, MetricSpec, TableSpec
 from audit.metrics.names import scope
 from audit.models.base import Capability
@@ -57,6 +60,7 @@ from audit.probes.model_functions import (
     inputs_tensor,
     normalisation,
     probabilities_function,
+    runs_onnxruntime,
     sample_rows,
     scores_function,
     shrink,
@@ -190,14 +194,42 @@ class Attribution(Probe):
         `sanity_samples` when a gradient method runs."""
         p = self.params
         self._runnable, self._status, self._notes = self._methods()
-        self._chosen = detail_sample(rows, p.per_class, p.max_samples, self.context.seed, prefer="has_mask")
+        self._chosen = detail_sample(rows, p.per_class, self.limited(p.max_samples), self.context.seed, prefer="has_mask")
         ids = self._chosen["id"].tolist()
         randomised = any(METHODS[m].gradient for m in self._runnable)
         return DetailPlan.of(ids if self._runnable else [], p.batch_size, step=tuple(ids[: p.sanity_samples]) if randomised else ())
 
+    def passes(self, plan: DetailPlan) -> Passes:
+        """Each method's passes per explained image; the deletion curves (the random-order control and
+        one per method, their shared first and last points once); and the randomisation test: its
+        images through every gradient method on the trained model and after each cascade step."""
+        h, w = self.context.prep.input_size
+        settings = self._settings()
+        per_image = Passes()
+        for method in self._runnable:
+            gradient, forward = METHODS[method].passes(settings, h, w)
+            per_image += Passes(forward, gradient)
+        per_image += Passes(forward=(self.params.deletion_steps - 1) * (len(self._runnable) + 1) + 2)
+        samples = sum(len(b.ids) for b in plan.batches)
+        gradient_methods = [m for m in self._runnable if METHODS[m].gradient]
+        step = Passes()
+        if plan.step and gradient_methods:
+            per_step = sum(METHODS[m].passes(settings, h, w)[0] for m in gradient_methods)
+            step = Passes(gradient=len(plan.step) * (self._cascade_length() + 1) * per_step)
+        return per_image * samples + step
+
+    def _cascade_length(self) -> int:
+        """Steps of the randomisation test's cascade on this model (one forward pass of one image)."""
+        module = self.context.model.torch_module()
+        if module is None:
+            return 0
+        h, w = self.context.prep.input_size
+        example = torch.zeros(1, self.context.prep.channels, h, w, device=self.context.model.device)
+        return len(cascade_steps(module, _parameterised_layers(module, module, example), self.params.sanity_steps))
+
     def _runtime_threads(self):  # type: ignore[no-untyped-def]
         """Deletion curves run the real model; for ONNX that is onnxruntime, which needs the cores to itself."""
-        return torch_threads(1) if self.context.model.format == "onnx" else contextlib.nullcontext()
+        return torch_threads(1) if runs_onnxruntime(self.context) else contextlib.nullcontext()
 
     def _deletion(self, probs_fn, x: torch.Tensor, target: torch.Tensor, results: dict[str, np.ndarray],  # type: ignore[no-untyped-def]
                   norm: Any) -> tuple[np.ndarray, dict[str, np.ndarray]]:
@@ -219,7 +251,7 @@ class Attribution(Probe):
                 k = len(part)
                 stacked = deletion_curve(probs_fn, x.repeat(k, 1, 1, 1), target.repeat(k), np.concatenate([results[m] for m in part]),
                                          p.deletion_steps, fill.repeat(k, 1, 1, 1), "attribution", seed, DELETION_BATCH,
-                                         (np.tile(ends[0], k), np.tile(ends[1], k)))
+                                         (np.tile(ends[0], k), np.tile(ends[1], k)), images=np.tile(np.arange(n), k))
                 ranked.update({m: stacked.auc[i * n : (i + 1) * n] for i, m in enumerate(part)})
         return control.auc, ranked
 

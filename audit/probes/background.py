@@ -21,6 +21,7 @@ import torch
 from pydantic import Field
 
 from audit.backgrounds import counterfactuals
+from audit.execution.costs import Passes
 from audit.metrics.classification import Bootstrap, percentile_interval
 from audit.metrics.declarations import ColumnSpec, MetricSpec, TableSpec
 from audit.metrics.names import scope
@@ -212,7 +213,7 @@ class Background(Probe):
         mapped = set().union(*(maps.keys() for maps in self._maps.values())) if self._maps else set()
         self._mapped = mapped
         batches: list[DetailBatchSpec] = []
-        chosen = detail_sample(masked, p.per_class, p.max_samples, context.seed + 1)
+        chosen = detail_sample(masked, p.per_class, self.limited(p.max_samples), context.seed + 1)
         for _, group in chosen.groupby(chosen["domain"].fillna(""), sort=True) if len(chosen) else []:
             ids = group["id"].to_numpy()[np.argsort(id_rank(group["id"], context.seed), kind="stable")].tolist()
             batches.extend(DetailPlan.of(ids, p.batch_size, kind="swap").batches)
@@ -220,6 +221,12 @@ class Background(Probe):
         in_order = [s.id for s in context.manifest.samples if s.id in wanted]
         batches.extend(DetailPlan.of(in_order, MASK_BATCH, kind="masks", inputs=False).batches)
         return DetailPlan(tuple(batches))
+
+    def passes(self, plan: DetailPlan) -> Passes:
+        """Per swapped image: the original, each background variant, the object alone and grey; the
+        mask batches read maps and masks only."""
+        swapped = sum(len(b.ids) for b in plan.batches if b.kind == "swap")
+        return Passes(forward=float(swapped * (1 + len(VARIANTS) + 2)))
 
     def _methods(self, inputs: ProbeInputs) -> tuple[dict[str, dict[str, np.ndarray]], str | None, str]:
         """The maps the attribution and occlusion probes stored, and the most faithful trusted method."""

@@ -5,6 +5,11 @@
     detail(batch) -> DetailOutput      stage two, per batch: its own model passes -> rows and arrays
     step(batch) -> dict                whole-model work that is not per sample (e.g. randomising weights)
     reduce(data) -> Evidence           aggregates what the stages produced; no model call
+    passes(plan) -> Passes             images a plan pushes through the model, forward-only and with
+                                       gradients: the executor prices them before the stage starts
+
+Under a time budget the executor sets `sample_limit` before `select`; a probe bounds its detail
+sample by `limited(max_samples)`, so the stratified choice stays the probe's own.
 
 The executor owns every model pass and all loading: it loads the samples a probe selects with the
 same loader, workers and skip handling as stage one, and writes detail rows and arrays to the run
@@ -34,6 +39,7 @@ from audit.models.base import Capability
 
 if TYPE_CHECKING:
     from audit.data import Batch, Preprocessing
+    from audit.execution.costs import Passes
     from audit.manifest import Manifest, Sample
     from audit.models.base import ModelAdapter
     from audit.models.outputs import OutputInterpretation
@@ -80,6 +86,7 @@ class RunContext:
     reference_domain: str | None
     progress: Callable[..., Any]
     batch_size: int = 64  # most images the model gets in one call, in every probe's own passes too
+    say: Callable[[str], Any] = lambda line: None  # one line of the run's progress (the plan, a stage's expected time)
 
 
 @dataclass(frozen=True)
@@ -118,6 +125,11 @@ class DetailPlan:
     @property
     def samples(self) -> int:
         return len({i for b in self.batches for i in b.ids})
+
+    @property
+    def loaded(self) -> int:
+        """Samples whose inputs the plan loads (the ones its model passes run on)."""
+        return len({i for b in self.batches if b.inputs for i in b.ids})
 
 
 @dataclass
@@ -224,6 +236,11 @@ class Probe(ABC):
     def __init__(self, params: ProbeParams, context: RunContext) -> None:
         self.params = params
         self.context = context
+        self.sample_limit: int | None = None  # detail samples a time budget allows (None: as the params say)
+
+    def limited(self, max_samples: int) -> int:
+        """`max_samples`, or fewer when the audit's time budget says so."""
+        return max_samples if self.sample_limit is None else max(1, min(max_samples, self.sample_limit))
 
     @classmethod
     def make_params(cls, profile: str, overrides: dict[str, Any]) -> ProbeParams:
@@ -262,6 +279,13 @@ class Probe(ABC):
     def select(self, rows: pd.DataFrame, inputs: ProbeInputs) -> DetailPlan | None:
         """The samples its own passes need, from the stage-one rows; None: no detail stage."""
         return None
+
+    def passes(self, plan: DetailPlan) -> Passes:
+        """Images `plan` pushes through the model (detail batches and step); by default one forward
+        pass per sample of every batch that loads inputs."""
+        from audit.execution.costs import Passes
+
+        return Passes(forward=float(sum(len(b.ids) for b in plan.batches if b.inputs)))
 
     def detail(self, batch: DetailBatch) -> DetailOutput:
         """Rows and arrays of one detail batch (the probe's own model passes)."""

@@ -20,6 +20,7 @@ from audit.errors import SampleError
 from audit.metrics.declarations import ColumnSpec
 
 if TYPE_CHECKING:
+    from audit.execution.costs import PassCosts
     from audit.manifest import Sample
     from audit.probes.base import DetailBatch, RunContext
 
@@ -42,21 +43,64 @@ def sample_rows(batch, taps, classes: Sequence[str]) -> pd.DataFrame:  # type: i
                          "domain": [s.domain for s in batch.samples]})
 
 
+RUNTIME_EXAMPLE = 4  # images the onnxruntime form of a torch model is checked on against torch
+
+
+def forward_runtime(context: RunContext) -> Callable[[np.ndarray], np.ndarray] | None:
+    """The onnxruntime form of a torch model, for forward-only checks, when it exports cleanly and
+    agrees with torch (about half torch's time per image on 2 CPU cores); None: the adapter's own
+    forward is the one (ONNX files already run in onnxruntime). Built once per model, checked on
+    seeded normal inputs in the model's normalised input space."""
+    h, w = context.prep.input_size
+    example = np.random.default_rng(context.seed).standard_normal((RUNTIME_EXAMPLE, context.prep.channels, h, w)).astype(np.float32)
+    runtime, _ = context.model.forward_runtime(example)
+    return None if runtime is None else runtime.forward
+
+
+def runs_onnxruntime(context: RunContext) -> bool:
+    """Whether forward-only checks run in onnxruntime (which then needs the cores: see torch_threads)."""
+    return context.model.format == "onnx" or forward_runtime(context) is not None
+
+
 def probabilities_function(context: RunContext) -> Callable[[torch.Tensor], torch.Tensor]:
-    """Normalised NCHW tensor -> class probabilities (N, K), through the adapter's own forward pass.
+    """Normalised NCHW tensor -> class probabilities (N, K), through the model that ships: the ONNX
+    file in onnxruntime, a torch model in onnxruntime where it exports cleanly (`forward_runtime`),
+    else the adapter's torch forward.
 
     Any number of images may come in; the runtime gets them `--batch-size` at a time, where its cost
     per image is lowest (larger calls fall out of the CPU caches: 256 images cost 30% more each than
     64 on the demo model in onnxruntime)."""
     interpretation = context.interpretation
     chunk = max(1, context.batch_size)
+    fast = forward_runtime(context)
+    run = fast if fast is not None else (lambda a: context.model.forward(a)["output"])
 
     def forward(x: torch.Tensor) -> torch.Tensor:
         array = x.detach().cpu().numpy().astype(np.float32, copy=False)
-        probs = [interpretation.probabilities(context.model.forward(array[i : i + chunk])["output"]) for i in range(0, len(array), chunk)]
+        probs = [interpretation.probabilities(run(array[i : i + chunk])) for i in range(0, len(array), chunk)]
         return torch.from_numpy(np.concatenate(probs) if probs else np.zeros((0, interpretation.num_classes))).float().to(x.device)
 
     return forward
+
+
+def pass_timers(context: RunContext, gradient: bool) -> PassCosts:
+    """What a forward-only check's pass (`probabilities_function`: onnxruntime where the model runs
+    there) and a forward+backward pass through the torch module cost per image on this model, measured
+    at the batch size the detail stages use most (their multi-pass methods fill it)."""
+    from audit.execution.costs import measure_pass_costs
+
+    probs = probabilities_function(context)
+    module = context.model.torch_module() if gradient else None
+    device = context.model.device
+
+    def backward(array: np.ndarray) -> None:
+        x = torch.from_numpy(array).to(device).requires_grad_(True)
+        scores = context.interpretation.torch_scores(module(x))  # type: ignore[misc]
+        scores.max(dim=1).values.sum().backward()
+
+    h, w = context.prep.input_size
+    return measure_pass_costs(lambda a: probs(torch.from_numpy(a)), backward if module is not None else None,
+                              (context.prep.channels, h, w), context.seed)
 
 
 def scores_function(context: RunContext, module: torch.nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:

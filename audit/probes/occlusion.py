@@ -25,6 +25,7 @@ from audit.attribution.methods import (
     baseline_for,
     occlusion_geometry,
 )
+from audit.execution.costs import Passes
 from audit.metrics.declarations import ColumnSpec, MetricSpec, TableSpec
 from audit.metrics.names import scope
 from audit.probes.base import (
@@ -46,6 +47,7 @@ from audit.probes.model_functions import (
     load_masks,
     normalisation,
     probabilities_function,
+    runs_onnxruntime,
     sample_rows,
     shrink,
     torch_threads,
@@ -124,7 +126,7 @@ class Occlusion(Probe):
 
     @contextlib.contextmanager
     def detail_session(self) -> Iterator[None]:
-        if self.context.model.format == "onnx":  # perturbations are cheap torch work; onnxruntime gets the cores
+        if runs_onnxruntime(self.context):  # perturbations are cheap torch work; onnxruntime gets the cores
             with torch_threads(1):
                 yield
         else:
@@ -132,8 +134,16 @@ class Occlusion(Probe):
 
     def select(self, rows: pd.DataFrame, inputs: ProbeInputs) -> DetailPlan:
         p = self.params
-        self._chosen = detail_sample(rows, p.per_class, p.max_samples, self.context.seed, prefer="has_mask")
+        self._chosen = detail_sample(rows, p.per_class, self.limited(p.max_samples), self.context.seed, prefer="has_mask")
         return DetailPlan.of(self._chosen["id"].tolist(), p.batch_size)
+
+    def passes(self, plan: DetailPlan) -> Passes:
+        """Per image: every window and the intact image, both deletion curves and their shared ends,
+        and the object and as much background covered."""
+        h, w = self.context.prep.input_size
+        _, per_map = METHODS["occlusion"].passes(self._settings(), h, w)
+        per_image = per_map + 2 * (self.params.deletion_steps - 1) + 2 + 2
+        return Passes(forward=per_image * sum(len(b.ids) for b in plan.batches))
 
     def _settings(self) -> AttributionParams:
         p = self.params

@@ -19,6 +19,7 @@ import torch
 from pydantic import Field
 
 from audit.data import channel_values
+from audit.execution.costs import Passes
 from audit.metrics.classification import Bootstrap, percentile_interval
 from audit.metrics.declarations import ColumnSpec, MetricSpec, TableSpec
 from audit.metrics.names import scope
@@ -177,8 +178,12 @@ class PreprocessingCheck(Probe):
         labelled = rows[rows["label"] >= 0]
         pool = labelled if len(labelled) else rows.assign(**{"class": rows["domain"].fillna("").astype(str)})
         n = self.params.samples
-        chosen = detail_sample(pool, n, n, self.context.seed)
+        chosen = detail_sample(pool, n, self.limited(n), self.context.seed)
         return DetailPlan.of(chosen["id"].tolist(), self.context.batch_size)
+
+    def passes(self, plan: DetailPlan) -> Passes:
+        """One forward pass per sample and convention."""
+        return Passes(forward=float(len(self.conventions) * sum(len(b.ids) for b in plan.batches)))
 
     def detail(self, batch: DetailBatch) -> DetailOutput:
         assert batch.raw is not None, "the batch was planned without inputs"

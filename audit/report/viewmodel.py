@@ -219,6 +219,20 @@ def group_findings(findings: list[dict[str, Any]], probe_titles: dict[str, str])
     return out
 
 
+def budget_text(budget: dict[str, Any], probes: dict[str, Any]) -> str | None:
+    """The time budget and what it cut, for page one: a reviewer must know a sample was smaller than
+    the profile's before reading a finding on it. None: no budget was set."""
+    seconds = budget.get("time_budget")
+    if seconds is None:
+        return None
+    limit = f"{seconds / 60:.0f} min" if seconds >= 90 else f"{seconds:.0f} s"
+    reduced = budget.get("reduced") or {}
+    if not reduced:
+        return f"{limit}: every probe ran the profile's full sample"
+    cuts = ", ".join(f"{probes.get(name, {}).get('title', name)} {cut['from']} → {cut['to']} samples" for name, cut in reduced.items())
+    return f"{limit}: sample counts reduced to fit, stratified and never below a rule's minimum support: {cuts}"
+
+
 def preprocessing_text(preprocessing: dict[str, Any]) -> str:
     """The normalisation the model was audited with, and whether the user stated it or it was assumed."""
     text = (f"mean {channel_values(preprocessing.get('mean') or [])}, std {channel_values(preprocessing.get('std') or [])}"
@@ -358,6 +372,7 @@ def build_view(run_dir: Path, results: dict[str, Any], results_sha256: str) -> d
         "gate": gate_view(results, findings),
         "verdict_reason": verdict_reason(results["run"]["verdict"], attention),
         "preprocessing_text": preprocessing_text(results.get("preprocessing", {})),
+        "budget_text": budget_text(results.get("budget") or {}, results.get("probes", {})),
         "waived": by_status["waived"],
         "informed": by_status["info"],
         "passed": by_status["pass"],

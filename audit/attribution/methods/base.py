@@ -106,6 +106,11 @@ class AttributionMethod:
     def __repr__(self) -> str:
         return f"<attribution method {self.name!r}>"
 
+    def passes(self, params: AttributionParams, height: int, width: int) -> tuple[float, float]:
+        """(forward+backward, forward-only) images the method pushes through the model per explained
+        image: what the audit's cost estimate and the benchmarks count. One gradient, or one forward."""
+        return (1.0, 0.0) if self.gradient else (0.0, 1.0)
+
     def unsupported_reason(
         self, capabilities: Mapping[Capability, str | None], module: nn.Module | None, layer: str | None = None
     ) -> str | None:

@@ -22,7 +22,11 @@ from audit.attribution.methods.base import (
     AttributionMethod,
     ChunkFunction,
 )
-from audit.attribution.methods.common import AttributionUnsupported, Forward
+from audit.attribution.methods.common import (
+    AttributionParams,
+    AttributionUnsupported,
+    Forward,
+)
 from audit.models.base import Capability
 
 _REUSED = "a nonlinearity module is called more than once per forward pass; DeepLift needs one module per use"
@@ -40,6 +44,9 @@ class DeepLift(AttributionMethod):
     requires = frozenset({Capability.GRADIENTS, Capability.HOOKS, Capability.RELU_MODULES})
     needs_baseline = True
     default = True
+
+    def passes(self, params: AttributionParams, height: int, width: int) -> tuple[float, float]:
+        return 2.0, 0.0  # the input and its baseline go through together
 
     def prepare(self, inputs: AttributionInputs) -> ChunkFunction:
         module = inputs.module

@@ -11,7 +11,11 @@ from audit.attribution.methods.base import (
     AttributionMethod,
     ChunkFunction,
 )
-from audit.attribution.methods.common import grid_mask, perturbations_per_eval
+from audit.attribution.methods.common import (
+    AttributionParams,
+    grid_mask,
+    perturbations_per_eval,
+)
 
 
 class FeatureAblation(AttributionMethod):
@@ -26,6 +30,10 @@ class FeatureAblation(AttributionMethod):
     needs_baseline = True
     reduction = "mean"
     fallback = True
+
+    def passes(self, params: AttributionParams, height: int, width: int) -> tuple[float, float]:
+        cells = min(params.grid, height) * min(params.grid, width)
+        return 0.0, float(cells + 1)  # each cell ablated, and the intact input
 
     def prepare(self, inputs: AttributionInputs) -> ChunkFunction:
         x, params = inputs.x, inputs.params

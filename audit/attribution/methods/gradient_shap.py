@@ -12,7 +12,12 @@ from audit.attribution.methods.base import (
     AttributionMethod,
     ChunkFunction,
 )
-from audit.attribution.methods.common import Forward, baseline_for, input_gradients
+from audit.attribution.methods.common import (
+    AttributionParams,
+    Forward,
+    baseline_for,
+    input_gradients,
+)
 from audit.models.base import Capability
 
 
@@ -27,6 +32,9 @@ class GradientShap(AttributionMethod):
     default = True
     # needs_baseline stays False: its references are drawn from a distribution built once per call from
     # `params.baseline`, not from each chunk's own baseline.
+
+    def passes(self, params: AttributionParams, height: int, width: int) -> tuple[float, float]:
+        return float(params.shap_samples), 0.0  # one gradient per reference draw
 
     def prepare(self, inputs: AttributionInputs) -> ChunkFunction:
         # A fixed reference (black, mean) is a single baseline; with "blur" the blurred copies of the

@@ -11,6 +11,7 @@ from audit.attribution.methods.base import (
     ChunkFunction,
 )
 from audit.attribution.methods.common import (
+    AttributionParams,
     AttributionUnsupported,
     hookable,
     target_layer,
@@ -30,6 +31,9 @@ class GuidedGradCam(AttributionMethod):
     requires = frozenset({Capability.GRADIENTS, Capability.HOOKS, Capability.RELU_MODULES})
     needs_layer = True
     default = True
+
+    def passes(self, params: AttributionParams, height: int, width: int) -> tuple[float, float]:
+        return 2.0, 0.0  # Grad-CAM and guided backpropagation
 
     def prepare(self, inputs: AttributionInputs) -> ChunkFunction:
         module = inputs.module

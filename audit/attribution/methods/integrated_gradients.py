@@ -12,7 +12,7 @@ from audit.attribution.methods.base import (
     AttributionMethod,
     ChunkFunction,
 )
-from audit.attribution.methods.common import Forward, input_gradients
+from audit.attribution.methods.common import AttributionParams, Forward, input_gradients
 from audit.models.base import Capability
 
 
@@ -25,6 +25,9 @@ class IntegratedGradients(AttributionMethod):
     requires = frozenset({Capability.GRADIENTS})
     needs_baseline = True
     default = True
+
+    def passes(self, params: AttributionParams, height: int, width: int) -> tuple[float, float]:
+        return float(params.ig_steps), 0.0  # one gradient per path point
 
     def prepare(self, inputs: AttributionInputs) -> ChunkFunction:
         x, params = inputs.x, inputs.params

@@ -12,6 +12,7 @@ from torch.distributions.categorical import Categorical
 
 from audit.attribution.methods.base import AttributionInputs, AttributionMethod
 from audit.attribution.methods.common import (
+    AttributionParams,
     AttributionUnsupported,
     baseline_for,
     grid_mask,
@@ -29,6 +30,9 @@ class KernelShap(AttributionMethod):
     stochastic = True
     reduction = "mean"
     fallback = True
+
+    def passes(self, params: AttributionParams, height: int, width: int) -> tuple[float, float]:
+        return 0.0, float(params.kernel_shap_samples)  # one forward per coalition
 
     def attribute(self, inputs: AttributionInputs) -> np.ndarray:
         """Coalitions from captum's sampler (all features, none, then Shapley-kernel draws); the regression is

@@ -24,6 +24,9 @@ class Occlusion(AttributionMethod):
     needs_baseline = True
     reduction = "mean"
 
+    def passes(self, params: AttributionParams, height: int, width: int) -> tuple[float, float]:
+        return 0.0, float(len(occlusion_boxes(height, width, params)) + 1)  # each window, and the intact input
+
     def attribute(self, inputs: AttributionInputs) -> np.ndarray:
         """Each window position covers all channels with the baseline; every pixel gets the mean drop of the
         target score over the windows covering it (captum's Occlusion with its feature counts). All occluded

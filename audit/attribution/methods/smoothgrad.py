@@ -11,7 +11,12 @@ from audit.attribution.methods.base import (
     AttributionMethod,
     ChunkFunction,
 )
-from audit.attribution.methods.common import Forward, input_gradients, input_range
+from audit.attribution.methods.common import (
+    AttributionParams,
+    Forward,
+    input_gradients,
+    input_range,
+)
 from audit.models.base import Capability
 
 
@@ -29,6 +34,9 @@ class SmoothGrad(AttributionMethod):
     reduction = "magnitude"
     signed = False
     default = True
+
+    def passes(self, params: AttributionParams, height: int, width: int) -> tuple[float, float]:
+        return float(params.smoothgrad_samples), 0.0  # one gradient per noisy copy
 
     def prepare(self, inputs: AttributionInputs) -> ChunkFunction:
         # Raw gradients are averaged and the magnitude taken afterwards (Smilkov et al.): averaging
