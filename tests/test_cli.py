@@ -302,6 +302,8 @@ def test_a_run_says_each_stage_then_the_gate_the_preprocessing_and_the_files(cap
     results = json.loads((out / "results.json").read_text())
     stages = [line for line in captured.err.splitlines() if line.startswith("model-audit: ")]
     passed = int(stages[1].removeprefix("model-audit: forward pass: ").removesuffix(" samples"))
+    assert stages[2].startswith("model-audit: forward pass: expected ") and stages[2].endswith(f" for {passed} samples")  # from its first batch
+    del stages[2]
     assert results["manifest"]["samples"] <= passed <= results["manifest"]["rows"]  # rows the manifest check let through
     assert stages == [f"model-audit: loading the model ({model})", f"model-audit: forward pass: {passed} samples",
                       f"model-audit: judging {len(results['rules'])} rules", "model-audit: writing thumbnails of the findings' evidence",

@@ -67,10 +67,12 @@ def runs(run_factory, dataset) -> tuple[Run, Run]:  # type: ignore[no-untyped-de
 
 
 def _masked_json(value: Any, out: str, path: tuple[str, ...] = ()) -> Any:
-    """results.json without the clock, the durations and the out folder."""
+    """results.json without the clock, the durations, what this machine measured (pass costs, peak
+    memory) and the out folder."""
     if isinstance(value, dict):
         return {k: _masked_json(v, out, (*path, k)) for k, v in value.items()
-                if not (k == "seconds" or k.endswith("_seconds") or (path == ("run",) and k in ("started", "finished")))}
+                if not (k in ("seconds", "peak_memory", "pass_costs") or k.endswith("_seconds")
+                        or (path == ("run",) and k in ("started", "finished")))}
     if isinstance(value, list):
         return [_masked_json(v, out, path) for v in value]
     if isinstance(value, str):

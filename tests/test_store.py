@@ -64,7 +64,7 @@ def test_the_saved_gate_is_the_one_the_findings_give_and_older_runs_need_none(to
     from audit.findings import gate
 
     results = json.loads(json.dumps(torch_run.results))
-    assert results["schema_version"] == "1.2" and results["gate"] == gate(results["findings"], results["run"]["fail_on"])
+    assert results["schema_version"] == "1.3" and results["gate"] == gate(results["findings"], results["run"]["fail_on"])
     assert results["gate"]["exit_code"] == torch_run.code
     del results["gate"]
     results["schema_version"] = "1.1"
