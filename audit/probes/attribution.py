@@ -54,9 +54,9 @@ from audit.probes.base import (
     Taps,
 )
 from audit.probes.model_functions import (
-    DELETION_BATCH,
     DELETION_COLUMNS,
     SAMPLE_COLUMNS,
+    deletion_batch,
     inputs_tensor,
     normalisation,
     probabilities_function,
@@ -81,17 +81,17 @@ class AttributionProbeParams(ProbeParams):
         "and kernel_shap instead"))
     per_class: int = Field(default=64, ge=1, description="samples per class (true class, else prediction)")
     max_samples: int = Field(default=1024, ge=1, description="samples in all")
-    ig_steps: int = Field(default=32, ge=2, description="Integrated Gradients steps")
+    ig_steps: int = Field(default=16, ge=2, description="Integrated Gradients steps")
     baseline: Literal["zeros", "blur", "mean"] = Field(default="zeros", description="reference input: black, blurred input, or mean colour")
-    smoothgrad_samples: int = Field(default=16, ge=1, description="noisy copies per image for SmoothGrad")
-    shap_samples: int = Field(default=16, ge=1, description="samples per image for GradientSHAP")
+    smoothgrad_samples: int = Field(default=8, ge=1, description="noisy copies per image for SmoothGrad")
+    shap_samples: int = Field(default=8, ge=1, description="samples per image for GradientSHAP")
     kernel_shap_samples: int = Field(default=200, ge=10, description="coalitions per image for KernelSHAP (fallback)")
     grid: int = Field(default=8, ge=2, description="cells per side for feature ablation and KernelSHAP (fallback)")
     layer: str | None = Field(default=None, description="Grad-CAM layer; unset: the last convolution")
     batch_size: int = Field(default=32, ge=1, description="images explained together")
     internal_batch_size: int = Field(default=64, ge=1, description="most images in one forward/backward pass")
-    deletion_steps: int = Field(default=16, ge=2, description="steps of the deletion curve (faithfulness)")
-    sanity_samples: int = Field(default=16, ge=2, description="images in the randomisation test")
+    deletion_steps: int = Field(default=12, ge=2, description="steps of the deletion curve (faithfulness)")
+    sanity_samples: int = Field(default=8, ge=2, description="images in the randomisation test")
     sanity_steps: int | None = Field(default=MAX_STEPS, ge=1, description=(
         "cascading steps of the randomisation test, head first, at block granularity; null: one per parameterised layer"))
     sanity_threshold: float = Field(default=0.5, gt=0, le=1, description="rank correlation after randomising the weights above which a method is not trusted")
@@ -234,23 +234,24 @@ class Attribution(Probe):
     def _deletion(self, probs_fn, x: torch.Tensor, target: torch.Tensor, results: dict[str, np.ndarray],  # type: ignore[no-untyped-def]
                   norm: Any) -> tuple[np.ndarray, dict[str, np.ndarray]]:
         """Deletion areas of a batch: the random-order control, and the methods' maps stacked about
-        DELETION_BATCH images per call (bounded memory on large inputs), so the runtime gets large
+        `deletion_batch` images per call (bounded memory on large inputs), so the runtime gets large
         calls and torch and onnxruntime alternate about once per batch, not once per method. The
         curves' shared first and last points (intact, fully filled) are computed once."""
         p, seed = self.params, self.context.seed
         fill = baseline_for(x, p.baseline, normalisation=norm)
         n = len(x)
         names = list(results)
-        per_call = max(1, DELETION_BATCH // n)
+        rows = deletion_batch(self.context)
+        per_call = max(1, rows // n)
         ranked: dict[str, np.ndarray] = {}
         with self._runtime_threads():
             ends = curve_ends(probs_fn, x, fill, target)
-            control = deletion_curve(probs_fn, x, target, np.zeros((n, *x.shape[2:])), p.deletion_steps, fill, "random", seed, DELETION_BATCH, ends)
+            control = deletion_curve(probs_fn, x, target, np.zeros((n, *x.shape[2:])), p.deletion_steps, fill, "random", seed, rows, ends)
             for start in range(0, len(names), per_call):
                 part = names[start : start + per_call]
                 k = len(part)
                 stacked = deletion_curve(probs_fn, x.repeat(k, 1, 1, 1), target.repeat(k), np.concatenate([results[m] for m in part]),
-                                         p.deletion_steps, fill.repeat(k, 1, 1, 1), "attribution", seed, DELETION_BATCH,
+                                         p.deletion_steps, fill.repeat(k, 1, 1, 1), "attribution", seed, rows,
                                          (np.tile(ends[0], k), np.tile(ends[1], k)), images=np.tile(np.arange(n), k))
                 ranked.update({m: stacked.auc[i * n : (i + 1) * n] for i, m in enumerate(part)})
         return control.auc, ranked

@@ -29,7 +29,17 @@ SAMPLE_COLUMNS = (ColumnSpec("class", "text", "true class, else the prediction")
 DELETION_COLUMNS = (ColumnSpec("deletion_auc", "number", "area under the deletion curve of the sample's map"),
                     ColumnSpec("random_deletion_auc", "number", "area under the random-order deletion curve"))
 MAP_SIDE = 64  # maps handed between probes and kept for galleries are at most this many pixels a side
-DELETION_BATCH = 256  # images built per step of a deletion curve; the runtime still gets them in run-sized calls
+DELETION_BATCH = 256  # most images built per step of a deletion curve; the runtime still gets them in run-sized calls
+DELETION_BYTES = 64 * 2**20  # ... and at most this much memory per copy of them (a curve holds about five)
+
+
+def deletion_batch(context: RunContext) -> int:
+    """Images a deletion curve builds per step: DELETION_BATCH on small inputs (256 at 48 px), fewer
+    on large ones, where each copy of them would otherwise take 150 MB at 224 px; never fewer than
+    one model call's worth."""
+    h, w = context.prep.input_size
+    per_image = 4 * context.prep.channels * h * w
+    return int(max(context.batch_size, min(DELETION_BATCH, DELETION_BYTES // per_image)))
 
 
 def sample_rows(batch, taps, classes: Sequence[str]) -> pd.DataFrame:  # type: ignore[no-untyped-def]

@@ -40,9 +40,9 @@ from audit.probes.base import (
     Taps,
 )
 from audit.probes.model_functions import (
-    DELETION_BATCH,
     DELETION_COLUMNS,
     SAMPLE_COLUMNS,
+    deletion_batch,
     inputs_tensor,
     load_masks,
     normalisation,
@@ -68,7 +68,7 @@ class OcclusionParams(ProbeParams):
     baseline: Literal["zeros", "blur", "mean"] = Field(default="zeros", description="what covers a region: black, a blurred copy, or the mean colour")
     perturbations_per_eval: int = Field(default=256, ge=1, description="occluded images per forward pass")
     batch_size: int = Field(default=16, ge=1, description="images explained together")
-    deletion_steps: int = Field(default=16, ge=2, description="steps of the deletion curve (faithfulness)")
+    deletion_steps: int = Field(default=12, ge=2, description="steps of the deletion curve (faithfulness)")
 
 
 def background_region(mask: np.ndarray) -> np.ndarray:
@@ -164,8 +164,9 @@ class Occlusion(Probe):
         fill = baseline_for(x, p.baseline, normalisation=norm)
         ends = curve_ends(forward, x, fill, target)
         probs = ends[0].astype(np.float32)
-        ranked = deletion_curve(forward, x, target, maps, p.deletion_steps, fill, "attribution", context.seed, DELETION_BATCH, ends)
-        control = deletion_curve(forward, x, target, maps, p.deletion_steps, fill, "random", context.seed, DELETION_BATCH, ends)
+        rows = deletion_batch(context)
+        ranked = deletion_curve(forward, x, target, maps, p.deletion_steps, fill, "attribution", context.seed, rows, ends)
+        control = deletion_curve(forward, x, target, maps, p.deletion_steps, fill, "random", context.seed, rows, ends)
         frame = block[["id", "class", "domain", "target"]].assign(
             probability=probs, deletion_auc=ranked.auc, random_deletion_auc=control.auc,
             object_drop=np.nan, background_drop=np.nan)
