@@ -88,7 +88,7 @@ def _masked_text(text: str, run: Run) -> str:
     for value, mark in ((str(run.out), "<out>"), (run.sha256, "<sha256>"), (run.sha256[:12], "<sha256>"),
                         (r["started"], "<time>"), (r["finished"], "<time>"), (finished.strftime("%Y-%m-%d %H:%M UTC"), "<time>")):
         text = text.replace(value, mark)
-    return re.sub(r"\b\d+\.\d+ s\b", "<n> s", text)  # durations: "3.3 s", "predictions 0.10 s"
+    return re.sub(r"\b\d+\.\d+ (m?s)\b", r"<n> \1", text)  # durations: "3.3 s", "predictions 0.10 s", pass costs "41.8 ms"
 
 
 def _first_difference(a: str, b: str) -> str:
