@@ -110,9 +110,13 @@ def to_model_layout(x: np.ndarray, layout: str | None) -> np.ndarray:
     return x
 
 
-def _make_session(model: onnx.ModelProto | bytes, providers: list[str]) -> ort.InferenceSession:
+def _make_session(model: onnx.ModelProto | bytes, providers: list[str], arena: bool = True) -> ort.InferenceSession:
+    """`arena=False`: onnxruntime frees its buffers after each call instead of keeping its peak for
+    itself, so torch can reuse them (a torch model's forward-only checks alternate with torch's own
+    large gradient passes)."""
     options = ort.SessionOptions()
     options.log_severity_level = 3
+    options.enable_cpu_mem_arena = arena
     # The audit alternates onnxruntime calls with torch work (perturbations, attributions); spinning
     # onnxruntime threads then fight torch's for the cores (measured: 2.3x slower per image on 2 cores).
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")

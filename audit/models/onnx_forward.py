@@ -113,7 +113,7 @@ def build_onnx_forward(module: nn.Module, example: np.ndarray, device: str = "cp
     if data is None:
         return None, reason or "the ONNX export failed"
     try:
-        session = _make_session(data, ["CPUExecutionProvider"])
+        session = _make_session(data, ["CPUExecutionProvider"], arena=False)
         runtime = OnnxForward(session, session.get_inputs()[0].name, session.get_outputs()[0].name)
         got = runtime.forward(check)
     except Exception as exc:  # noqa: BLE001 - onnxruntime's words are the reason
