@@ -235,16 +235,14 @@ class LocalExecutor:
         total = 0.0
         for name, (plan, passes) in priced.items():
             probe = by_name[name]
-            chosen = planned(probe, limits[name]) if name in limits else (plan, passes)
+            chosen, chosen_passes = (planned(probe, limits[name]) if name in limits else None) or (plan, passes)
             if name in limits:
                 probe.sample_limit = limits[name]
-            samples, expected = (chosen[0].loaded, costs.seconds(chosen[1])) if chosen is not None else (plan.loaded, costs.seconds(passes))
-            final = chosen[1] if chosen is not None else passes
+            outcomes[name].cost = cost_record(chosen, chosen_passes, costs, plan.loaded)
+            expected = outcomes[name].cost["expected_seconds"]
             total += expected
-            outcomes[name].cost = {"samples": samples, "planned_samples": plan.loaded, "forward_passes": round(final.forward),
-                                   "gradient_passes": round(final.gradient), "expected_seconds": round(expected, 3)}
-            reduced = f" of {plan.loaded} (time budget)" if samples < plan.loaded else ""
-            self.context.say(f"  {name}: {samples}{reduced} samples, expected {duration(expected)}")
+            reduced = f" of {plan.loaded} (time budget)" if chosen.loaded < plan.loaded else ""
+            self.context.say(f"  {name}: {chosen.loaded}{reduced} samples, expected {duration(expected)}")
         self.context.say(f"  all probes: expected {duration(total)}")
 
     def shared_pass(self, samples: Sequence[Sample], outcomes: dict[str, ProbeOutcome]) -> None:
@@ -252,7 +250,7 @@ class LocalExecutor:
                                on_mask=self.on_mask)
         bar = self.context.progress(total=len(samples), desc="forward pass", unit="sample")
         tick = start = time.perf_counter()
-        done = 0
+        first = True
         try:
             for batch in batches:
                 self.load_seconds += time.perf_counter() - tick
@@ -260,10 +258,10 @@ class LocalExecutor:
                 if taps is not None:
                     self._map(batch, taps, outcomes)
                 bar.update(len(batch))
-                if done == 0 and len(batch) < len(samples):  # the first batch prices the rest
+                if first and len(batch) < len(samples):  # the first batch prices the rest
                     rate = (time.perf_counter() - start) / max(1, len(batch))
                     self.context.say(f"forward pass: expected {duration(rate * len(samples))} for {len(samples)} samples")
-                done += len(batch)
+                first = False
                 tick = time.perf_counter()
         finally:
             bar.close()
@@ -392,11 +390,8 @@ class LocalExecutor:
             passes = probe.passes(plan)
         except Exception:  # noqa: BLE001 - an estimate, never a failure
             return None
-        expected = self.pass_costs.seconds(passes)
-        outcome.cost = {"samples": plan.loaded, "planned_samples": (outcome.cost or {}).get("planned_samples", plan.loaded),
-                        "forward_passes": round(passes.forward), "gradient_passes": round(passes.gradient),
-                        "expected_seconds": round(expected, 3)}
-        return expected
+        outcome.cost = cost_record(plan, passes, self.pass_costs, (outcome.cost or {}).get("planned_samples", plan.loaded))
+        return self.pass_costs.seconds(passes)
 
     def _write_map_table(self, probe: Probe, rows: pd.DataFrame) -> dict[str, str]:
         specs = [s for s in probe.provides if s.stage == "map"]
@@ -437,3 +432,9 @@ def peak_memory() -> int:
         pass
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return int(peak if sys.platform == "darwin" else peak * 1024)
+
+
+def cost_record(plan: DetailPlan, passes: Any, costs: PassCosts, planned_samples: int) -> dict[str, Any]:
+    """A probe's forecast as results.json keeps it (`probes.*.cost`)."""
+    return {"samples": plan.loaded, "planned_samples": planned_samples, "forward_passes": round(passes.forward),
+            "gradient_passes": round(passes.gradient), "expected_seconds": round(costs.seconds(passes), 3)}

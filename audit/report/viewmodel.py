@@ -15,6 +15,7 @@ import markupsafe
 import yaml
 
 from audit.data import channel_values
+from audit.execution.costs import duration
 from audit.findings import ATTENTION, SEVERITY_ORDER, STATUS_ORDER, exit_code
 from audit.metrics.names import display_scope, metric_key, parse_key, parse_scope, scope
 from audit.report.run_files import Tables, run_file
@@ -225,7 +226,7 @@ def budget_text(budget: dict[str, Any], probes: dict[str, Any]) -> str | None:
     seconds = budget.get("time_budget")
     if seconds is None:
         return None
-    limit = f"{seconds / 60:.0f} min" if seconds >= 90 else f"{seconds:.0f} s"
+    limit = duration(seconds)
     reduced = budget.get("reduced") or {}
     if not reduced:
         return f"{limit}: every probe ran the profile's full sample"
