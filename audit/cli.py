@@ -14,7 +14,6 @@ from typing import TYPE_CHECKING, Any
 
 from audit import __version__, exit_codes
 from audit.errors import AuditError, InputError, first_line
-from audit.execution.allocator import advise_huge_pages
 
 if TYPE_CHECKING:
     from audit.metrics.declarations import Declarations
@@ -317,7 +316,6 @@ COMMANDS = {"run": _cmd_run, "render": _cmd_render, "rules": _cmd_rules, "probes
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    advise_huge_pages()  # before anything imports torch
     args = parse_arguments(build_parser(), argv)
     previous = signal.signal(signal.SIGTERM, _on_sigterm) if _main_thread() else None
     try:

@@ -7,11 +7,9 @@ import pkgutil
 import sys
 
 import benchmarks
-from audit.execution.allocator import advise_huge_pages
 
 
 def main(argv: list[str]) -> int:
-    advise_huge_pages()  # as `model-audit` does, before a benchmark imports torch
     names = argv or sorted(m.name for m in pkgutil.iter_modules(benchmarks.__path__) if not m.name.startswith("_"))
     for name in names:
         module = importlib.import_module(f"benchmarks.{name}")

@@ -144,9 +144,8 @@ def load_resnet(weights: Path, as_audited: bool = True) -> Any:
 def costs_child() -> None:
     """Subprocess: the pass costs of the model argv[1] into the JSON file argv[2], with the memory
     settings `model-audit run` uses."""
-    from audit.execution.allocator import advise_huge_pages, retain_freed_memory
+    from audit.execution.allocator import retain_freed_memory
 
-    advise_huge_pages()
     retain_freed_memory()
     Path(sys.argv[2]).write_text(json.dumps(measure_passes(Path(sys.argv[1]))), encoding="utf-8")
 
@@ -216,9 +215,10 @@ def audit_child() -> None:
     file argv[1] its peak RSS after the shared pass, after each probe (older versions do not record
     it) and after rendering, how long rendering took, and the images each stage pushed through the
     model forward-only and with gradients (a hook on the model, for versions that do not count them)."""
-    from audit.execution.allocator import advise_huge_pages
+    from audit.execution import allocator
 
-    advise_huge_pages()  # before torch is imported, as the CLI does
+    if hasattr(allocator, "advise_huge_pages"):  # a checkout from before it was dropped, run as its CLI ran it
+        allocator.advise_huge_pages()
     import torch
 
     import audit
@@ -308,14 +308,11 @@ def captum_child() -> None:
     Path(sys.argv[2]).write_text(json.dumps({"seconds": total, "stages": seconds, "peak": peak_rss()}), encoding="utf-8")
 
 
-def run_child(code: str, args: list[str], cwd: Path, log: Path, timeout: float, pythonpath: str | None = None,
-              plain: bool = False) -> tuple[int | None, float, int]:
+def run_child(code: str, args: list[str], cwd: Path, log: Path, timeout: float,
+              pythonpath: str | None = None) -> tuple[int | None, float, int]:
     """(exit code, or None past `timeout`; wall seconds; the child's peak RSS in bytes as last read
-    while it ran, which the child's own final reading supersedes). Output goes to `log`. `plain`
-    drops the huge-page advice `python -m benchmarks` puts in the environment for model-audit."""
+    while it ran, which the child's own final reading supersedes). Output goes to `log`."""
     env = dict(os.environ)
-    if plain:
-        env.pop("THP_MEM_ALLOC_ENABLE", None)
     if pythonpath:
         env["PYTHONPATH"] = os.pathsep.join([pythonpath, *filter(None, [env.get("PYTHONPATH")])])
     with open(log, "w", encoding="utf-8") as fh:
@@ -509,8 +506,7 @@ def measure(profile: str, root: Path, data: Path, model: Path, weights: Path, ma
     spec_file.write_text(json.dumps({"weights": str(weights), "paths": paths, "ig_steps": steps, "internal_batch_size": internal,
                                      "batch": CAPTUM_BATCH}), encoding="utf-8")
     captum_file.unlink(missing_ok=True)
-    code, captum_wall, captum_peak = run_child("m.captum_child()", [str(spec_file), str(captum_file)], data, captum_log, timeout,
-                                               plain=True)
+    code, captum_wall, captum_peak = run_child("m.captum_child()", [str(spec_file), str(captum_file)], data, captum_log, timeout)
     if code != 0 or not captum_file.is_file():
         print(f"  the captum script {'did not finish within %.0f s' % timeout if code is None else f'exited with {code}'}; see {captum_log}")
         return costs_after

@@ -24,6 +24,7 @@ import pandas as pd
 
 from audit.data import Batch, iter_batches, iter_groups
 from audit.errors import first_line
+from audit.execution.allocator import release_freed_memory
 from audit.execution.costs import RENDER_RESERVE, PassCosts, allocate, duration
 from audit.manifest import Sample
 from audit.probes.base import (
@@ -328,6 +329,7 @@ class LocalExecutor:
             outcome.skip(reason)
             return
         available = {t for t, p in self.plan.producers.items() if p in outcomes and outcomes[p].status == "ok" and p != probe.name}
+        release_freed_memory()  # what earlier stages freed must not sit under this one's peak
         tick = time.perf_counter()
         stage = "select"
         try:
