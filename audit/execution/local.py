@@ -239,8 +239,8 @@ class LocalExecutor:
             chosen, chosen_passes = (planned(probe, limits[name]) if name in limits else None) or (plan, passes)
             if name in limits:
                 probe.sample_limit = limits[name]
-            outcomes[name].cost = cost_record(chosen, chosen_passes, costs, plan.loaded)
-            expected = outcomes[name].cost["expected_seconds"]
+            expected = costs.seconds(chosen_passes)
+            outcomes[name].cost = cost_record(chosen, chosen_passes, expected, plan.loaded)
             total += expected
             reduced = f" of {plan.loaded} (time budget)" if chosen.loaded < plan.loaded else ""
             self.context.say(f"  {name}: {chosen.loaded}{reduced} samples, expected {duration(expected)}")
@@ -392,8 +392,9 @@ class LocalExecutor:
             passes = probe.passes(plan)
         except Exception:  # noqa: BLE001 - an estimate, never a failure
             return None
-        outcome.cost = cost_record(plan, passes, self.pass_costs, (outcome.cost or {}).get("planned_samples", plan.loaded))
-        return self.pass_costs.seconds(passes)
+        expected = self.pass_costs.seconds(passes)
+        outcome.cost = cost_record(plan, passes, expected, (outcome.cost or {}).get("planned_samples", plan.loaded))
+        return expected
 
     def _write_map_table(self, probe: Probe, rows: pd.DataFrame) -> dict[str, str]:
         specs = [s for s in probe.provides if s.stage == "map"]
@@ -436,7 +437,7 @@ def peak_memory() -> int:
     return int(peak if sys.platform == "darwin" else peak * 1024)
 
 
-def cost_record(plan: DetailPlan, passes: Any, costs: PassCosts, planned_samples: int) -> dict[str, Any]:
-    """A probe's forecast as results.json keeps it (`probes.*.cost`)."""
+def cost_record(plan: DetailPlan, passes: Any, expected: float, planned_samples: int) -> dict[str, Any]:
+    """A probe's forecast as results.json keeps it (`probes.*.cost`); `expected` is its seconds at the measured pass costs."""
     return {"samples": plan.loaded, "planned_samples": planned_samples, "forward_passes": round(passes.forward),
-            "gradient_passes": round(passes.gradient), "expected_seconds": round(costs.seconds(passes), 3)}
+            "gradient_passes": round(passes.gradient), "expected_seconds": round(expected, 3)}
