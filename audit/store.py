@@ -5,6 +5,7 @@ Layout:
     results.json                    the contract between computation and rendering
     samples/<table>.parquet         per-sample rows (the tables probes declare)
     arrays/<table>/<chunk>.npz      per-sample arrays (maps, embeddings), one file per chunk as produced
+    arrays/<table>/SHA256SUMS       the chunks' digests, taken while they were streamed to disk
     chunks/<table>/<chunk>.parquet  detail rows of a stage still running (merged into samples/ at its end)
     steps/<probe>.json              the result of a probe's whole-model step
     artifacts/<sha256[:20]>.<ext>   content-addressed (thumbnails, heatmaps, gallery bundles)
@@ -13,6 +14,7 @@ Layout:
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import hashlib
 import io
@@ -20,6 +22,7 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,6 +36,7 @@ SCHEMA_VERSION = "1.3"  # 1.1: probes.arrays, consumes, detail_samples; info fin
 _UMASK = os.umask(0o022)
 os.umask(_UMASK)
 RESULTS = "results.json"
+CHECKSUMS = "SHA256SUMS"  # beside an array table's chunks, in `sha256sum -c` format
 REPORT_FILES = ("report.html", "report.pdf", "junit.xml")
 RUN_FOLDERS = ("samples", "artifacts", "arrays", "chunks", "steps")
 RUN_ENTRIES = frozenset({RESULTS, *REPORT_FILES, *RUN_FOLDERS})  # what a run writes; anything else in its folder is the user's
@@ -145,30 +149,58 @@ class RunStore:
             shutil.rmtree(folder)
         return path
 
-    def write_array_chunk(self, name: str, chunk: int, table: ArrayTable) -> Path:
-        """One chunk of an array table: its key columns and arrays in one .npz (no pickles)."""
+    def write_array_chunk(self, name: str, chunk: int, table: ArrayTable) -> str:
+        """One chunk of an array table: its key columns and arrays in one .npz (no pickles), streamed
+        to disk and hashed as it streams (never built in memory beside the arrays). Returns its
+        sha256, which `write_checksums` records beside the chunks."""
         for column in table.keys.columns:
             if column.startswith("value:"):
                 raise ValueError(f"key column {column!r} clashes with the array names")
         data = {f"key:{c}": _key_array(table.keys[c]) for c in table.keys.columns}
         data.update({f"value:{n}": v for n, v in table.values.items()})
-        buffer = io.BytesIO()
-        np.savez(buffer, **data)
         path = self.root / "arrays" / name / f"{chunk:05d}.npz"
-        atomic_write(path, buffer.getvalue())
-        return path
+        with streamed_write(path) as out:
+            np.savez(out, **data)
+        return out.hexdigest()
+
+    def write_checksums(self, name: str, digests: dict[int, str]) -> None:
+        """`arrays/<name>/SHA256SUMS` in `sha256sum -c` format, for the chunks written by this stage."""
+        folder = self.root / "arrays" / name
+        lines = [f"{digest}  {chunk:05d}.npz\n" for chunk, digest in sorted(digests.items())]
+        if lines:
+            atomic_write(folder / CHECKSUMS, "".join(lines).encode("ascii"))
 
     def read_array(self, name: str) -> ArrayTable | None:
-        """Every chunk of an array table, in chunk order; None when the table was never written."""
+        """Every chunk of an array table, in chunk order, filled into one preallocated array per name
+        (the chunks are never concatenated beside the result); None when the table was never written."""
         folder = self.root / "arrays" / name
         if not folder.is_dir():
             return None
-        parts = []
-        for path in sorted(folder.glob("*.npz")):
+        paths = sorted(folder.glob("*.npz"))
+        if not paths:
+            return None
+        keys: list[pd.DataFrame] = []
+        layout: dict[str, tuple[tuple[int, ...], np.dtype]] = {}
+        for path in paths:
             with np.load(path, allow_pickle=False) as data:
-                keys = pd.DataFrame({k[4:]: data[k].tolist() if data[k].dtype.kind == "U" else data[k] for k in data.files if k.startswith("key:")})
-                parts.append(ArrayTable(keys, {k[6:]: data[k] for k in data.files if k.startswith("value:")}))
-        return ArrayTable.concat(parts)
+                keys.append(pd.DataFrame({k[4:]: data[k].tolist() if data[k].dtype.kind == "U" else data[k]
+                                          for k in data.files if k.startswith("key:")}))
+                if not layout:
+                    for k in (k for k in data.files if k.startswith("value:")):
+                        value = data[k]
+                        layout[k[6:]] = (value.shape[1:], value.dtype)
+        total = sum(len(k) for k in keys)
+        values = {n: np.empty((total, *shape), dtype) for n, (shape, dtype) in layout.items()}
+        start = 0
+        for path, part in zip(paths, keys, strict=True):
+            with np.load(path, allow_pickle=False) as data:
+                for n, target in values.items():
+                    chunk = data[f"value:{n}"]
+                    if chunk.shape[1:] != target.shape[1:]:
+                        raise InputError(f"{path}: array {n!r} has shape {chunk.shape[1:]} per entry, other chunks {target.shape[1:]}")
+                    target[start : start + len(part)] = chunk
+            start += len(part)
+        return ArrayTable(pd.concat(keys, ignore_index=True), values)
 
     def write_step(self, probe: str, result: dict[str, Any]) -> Path:
         path = self.root / "steps" / f"{probe}.json"
@@ -189,6 +221,48 @@ class RunStore:
         data = dumps(results)
         atomic_write(self.results_path, data)
         return hashlib.sha256(data).hexdigest()
+
+
+class _HashingWriter:
+    """A write-only stream that hashes what passes through it on its way to a file. It has no
+    `seek` or `tell`, so zipfile writes an .npz front to back (data descriptors) and the digest
+    is that of the bytes on disk."""
+
+    def __init__(self, fh: Any) -> None:
+        self._fh = fh
+        self._hash = hashlib.sha256()
+
+    def write(self, data: bytes) -> int:
+        self._hash.update(data)
+        return self._fh.write(data)
+
+    def flush(self) -> None:
+        self._fh.flush()
+
+    def read(self, size: int = -1) -> bytes:  # numpy takes an object without `read` for a path
+        raise io.UnsupportedOperation("write-only stream")
+
+    def hexdigest(self) -> str:
+        return self._hash.hexdigest()
+
+
+@contextlib.contextmanager
+def streamed_write(path: Path) -> Iterator[_HashingWriter]:
+    """Stream into a temporary file beside `path`, hashing as it goes; renamed into place when the
+    block ends, removed when it raises (a reader never sees half a file)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        os.fchmod(fd, 0o666 & ~_UMASK)
+        with os.fdopen(fd, "wb") as fh:
+            writer = _HashingWriter(fh)
+            yield writer
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def _write_parquet(path: Path, frame: pd.DataFrame) -> None:

@@ -32,6 +32,7 @@ from audit.probes.base import (
     DetailBatch,
     DetailPlan,
     Evidence,
+    MapOutput,
     Probe,
     ProbeData,
     ProbeInputs,
@@ -44,6 +45,7 @@ if TYPE_CHECKING:
     from audit.plan import Plan
 
 CHUNK_SAMPLES = 256  # detail samples per chunk written to the run store (whole batches, so chunks never split one)
+MAP_CHUNK_BYTES = 32 << 20  # stage-one arrays (embeddings) buffered per table before a chunk is written
 
 
 @dataclass
@@ -59,6 +61,7 @@ class ProbeOutcome:
     detail_samples: int | None = None
     cost: dict[str, Any] | None = None  # the forecast: samples (planned and chosen), passes, expected seconds
     peak_memory: int | None = None  # peak resident memory of the process up to the end of this probe, bytes
+    map_arrays: dict[str, MapArrayWriter] = field(default_factory=dict)  # stage-one arrays, streamed per chunk
 
     def fail(self, stage: str, exc: BaseException) -> None:
         self.status = "error"
@@ -69,6 +72,36 @@ class ProbeOutcome:
         self.status = "skipped"
         self.reason = reason
         self.rows = []
+
+
+class MapArrayWriter:
+    """One stage-one array table: batches buffered until MAP_CHUNK_BYTES, then written as a chunk
+    (streamed and hashed by the store), so an embedding of every sample is on disk, not in memory."""
+
+    def __init__(self, store: RunStore, name: str, limit: int = MAP_CHUNK_BYTES) -> None:
+        self.store = store
+        self.name = name
+        self.limit = limit
+        self.parts: list[ArrayTable] = []
+        self.buffered = 0
+        self.digests: dict[int, str] = {}
+
+    def add(self, table: ArrayTable) -> None:
+        self.parts.append(table)
+        self.buffered += sum(v.nbytes for v in table.values.values())
+        if self.buffered >= self.limit:
+            self.flush()
+
+    def flush(self) -> None:
+        merged = ArrayTable.concat(self.parts)
+        self.parts, self.buffered = [], 0
+        if merged is not None and len(merged):
+            chunk = len(self.digests)
+            self.digests[chunk] = self.store.write_array_chunk(self.name, chunk, merged)
+
+    def finish(self) -> None:
+        self.flush()
+        self.store.write_checksums(self.name, self.digests)
 
 
 class DetailStage:
@@ -86,6 +119,7 @@ class DetailStage:
         self.progress = progress
         self.samples = {s.id: s for s in context.manifest.samples}  # stage one has dropped the unreadable ones
         self.chunks: list[list[int]] = []
+        self.digests: dict[str, dict[int, str]] = {}  # array table -> chunk -> sha256 of its file
         filled = chunk_samples  # samples in the last chunk; a full one starts the next
         for index, batch in enumerate(plan.batches):
             if filled >= chunk_samples:
@@ -120,7 +154,7 @@ class DetailStage:
         for name, parts in arrays.items():
             merged = ArrayTable.concat(parts)
             if merged is not None:
-                self.store.write_array_chunk(name, chunk, merged)
+                self.digests.setdefault(name, {})[chunk] = self.store.write_array_chunk(name, chunk, merged)
 
     def load(self, groups: Sequence[Sequence[str]], inputs: Sequence[bool] | bool = True) -> Iterable[tuple[int, Batch]]:
         """The samples of each group of ids (samples dropped from the audit are left out)."""
@@ -137,7 +171,10 @@ class DetailStage:
         return None
 
     def finish(self) -> dict[str, str]:
-        """Merge the detail row tables into samples/; returns name -> relative path."""
+        """Merge the detail row tables into samples/ and record the array chunks' digests; returns
+        name -> relative path of the row tables."""
+        for name, digests in self.digests.items():
+            self.store.write_checksums(name, digests)
         out = {}
         for spec in self.probe.provides:
             if spec.stage == "detail" and spec.kind == "rows":
@@ -266,6 +303,13 @@ class LocalExecutor:
                 tick = time.perf_counter()
         finally:
             bar.close()
+        for outcome in outcomes.values():
+            for writer in outcome.map_arrays.values():
+                try:
+                    writer.finish()
+                except Exception as exc:  # noqa: BLE001 - a disk problem fails this probe, not the audit
+                    outcome.fail("map", exc)
+            outcome.map_arrays = {}
 
     def _live(self, outcomes: dict[str, ProbeOutcome]) -> list[Probe]:
         return [p for p in self.plan.probes if outcomes[p.name].status == "ok"]
@@ -297,7 +341,17 @@ class LocalExecutor:
             outcome = outcomes[probe.name]
             tick = time.perf_counter()
             try:
-                outcome.rows.append(probe.map(batch, taps))
+                result = probe.map(batch, taps)
+                if isinstance(result, MapOutput):
+                    for name, table in result.arrays.items():
+                        spec = probe.table_spec(name)
+                        if spec.stage != "map" or spec.kind != "array":
+                            raise ContractError(f"{probe.name} returned array {name!r} from map, declared as a {spec.stage} {spec.kind} table")
+                        if name not in outcome.map_arrays:
+                            outcome.map_arrays[name] = MapArrayWriter(self.store, name)
+                        outcome.map_arrays[name].add(table)
+                    result = result.rows
+                outcome.rows.append(result)
             except Exception as exc:  # noqa: BLE001 - one probe's failure must not stop the audit
                 outcome.fail("map", exc)
             outcome.seconds += time.perf_counter() - tick
@@ -397,7 +451,7 @@ class LocalExecutor:
         return expected
 
     def _write_map_table(self, probe: Probe, rows: pd.DataFrame) -> dict[str, str]:
-        specs = [s for s in probe.provides if s.stage == "map"]
+        specs = [s for s in probe.provides if s.stage == "map" and s.kind == "rows"]
         if len(specs) > 1:
             raise ContractError(f"{probe.name} declares {len(specs)} map tables; map returns one")
         return {s.name: self.store.relative(self.store.write_table(s.name, rows)) for s in specs}

@@ -5,3 +5,4 @@ from audit.probes import preprocessing  # noqa: F401
 from audit.probes import attribution  # noqa: F401
 from audit.probes import occlusion  # noqa: F401
 from audit.probes import background  # noqa: F401
+from audit.probes import embeddings  # noqa: F401

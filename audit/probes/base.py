@@ -1,6 +1,7 @@
 """The probe contract: what a probe declares, and the steps the executor calls.
 
-    map(batch, taps) -> rows           stage one, the shared forward pass, over every sample
+    map(batch, taps) -> rows           stage one, the shared forward pass, over every sample (rows, or
+                                       MapOutput: rows and per-sample arrays such as embeddings)
     select(rows, inputs) -> DetailPlan which samples the probe's own passes need, in which batches
     detail(batch) -> DetailOutput      stage two, per batch: its own model passes -> rows and arrays
     step(batch) -> dict                whole-model work that is not per sample (e.g. randomising weights)
@@ -153,6 +154,15 @@ class DetailBatch:
 
 
 @dataclass
+class MapOutput:
+    """What `map` returns when it also writes per-sample arrays (declared `map` array tables): the
+    executor streams them to the run store in chunks as stage one goes, so no probe holds them."""
+
+    rows: pd.DataFrame
+    arrays: dict[str, ArrayTable] = field(default_factory=dict)
+
+
+@dataclass
 class DetailOutput:
     """Per-sample rows and arrays of one detail batch, by declared table name."""
 
@@ -273,8 +283,8 @@ class Probe(ABC):
         return None
 
     @abstractmethod
-    def map(self, batch: Batch, taps: Taps) -> pd.DataFrame:
-        """Per-sample rows for one batch of the shared pass, with an `id` column."""
+    def map(self, batch: Batch, taps: Taps) -> pd.DataFrame | MapOutput:
+        """Per-sample rows for one batch of the shared pass, with an `id` column (and arrays)."""
 
     def select(self, rows: pd.DataFrame, inputs: ProbeInputs) -> DetailPlan | None:
         """The samples its own passes need, from the stage-one rows; None: no detail stage."""

@@ -171,8 +171,46 @@ def matrix(values: Sequence[Sequence[float]], rows: Sequence[str], cols: Sequenc
     return _svg(fig)
 
 
+SCATTER_COLOURS = (BLUE, ORANGE, GREEN, RED, "#CC79A7", "#56B4E9", "#F0E442", DARK)
+SCATTER_MAX_GROUPS = 20  # more classes than this are drawn in grey beyond the 19 largest ("other")
+
+
+def scatter(x: Sequence[float], y: Sequence[float], groups: Sequence[str], order: Sequence[str] | None = None,
+            xlabel: str = "", ylabel: str = "", colours: dict[str, str] | None = None) -> str:
+    """A 2-D projection, one colour per group, legend beside it. The points are rasterised inside the
+    SVG (tens of thousands of markers stay a small file); axes and legend stay vector."""
+    x, y, groups = np.asarray(x, float), np.asarray(y, float), np.asarray(groups, dtype=object)
+    names = list(order) if order is not None else sorted({str(g) for g in groups})
+    if len(names) > SCATTER_MAX_GROUPS:
+        counts = {n: int((groups == n).sum()) for n in names}
+        kept = sorted(names, key=lambda n: -counts[n])[: SCATTER_MAX_GROUPS - 1]
+        groups = np.where(np.isin(groups, kept), groups, "other")
+        names = [n for n in names if n in kept] + ["other"]
+    palette = dict(colours or {})
+    cmap = plt.get_cmap("tab20")
+    for i, name in enumerate(n for n in names if n not in palette):
+        palette[name] = SCATTER_COLOURS[i] if len(names) <= len(SCATTER_COLOURS) else cmap(i % 20)
+    palette.setdefault("other", GREY)
+    size = 4.0 if len(x) > 5000 else 9.0 if len(x) > 500 else 16.0
+    fig, ax = plt.subplots(figsize=(5.6, 3.6))
+    for name in names:
+        chosen = groups == name
+        if chosen.any():
+            ax.scatter(x[chosen], y[chosen], s=size, c=[palette[name]], label=f"{_short(str(name))} ({int(chosen.sum())})",
+                       linewidths=0, alpha=0.75, rasterized=True)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_xticks([])
+    ax.set_yticks([])
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False, markerscale=1.5, fontsize=7)
+    return _svg(fig)
+
+
 class Charts:
     """What templates call: each method returns a data URI for an <img>."""
+
+    def scatter(self, *args: Any, **kwargs: Any) -> str:
+        return data_uri(scatter(*args, **kwargs))
 
     def bars(self, *args: Any, **kwargs: Any) -> str:
         return data_uri(bars(*args, **kwargs))

@@ -11,7 +11,7 @@ import importlib
 
 from audit.report.views.base import ProbeView, register_view, views_for
 
-VIEW_MODULES = ("predictions", "preprocessing", "background")
+VIEW_MODULES = ("predictions", "preprocessing", "background", "embeddings")
 
 for _module in VIEW_MODULES:
     importlib.import_module(f"{__name__}.{_module}")
