@@ -182,9 +182,14 @@ def test_no_sample_images_keeps_pixels_out(run_factory, dataset) -> None:  # typ
 
 
 def test_thumbnails_embedded_for_evidence(torch_run) -> None:  # type: ignore[no-untyped-def]
+    """Every thumbnail the run wrote is shown in the self-contained HTML (none is written in vain)."""
+    import base64
+
     html = (torch_run.out / "report.html").read_text()
     assert torch_run.results["thumbnails"]
-    assert html.count("data:image/png") >= len(torch_run.results["thumbnails"])
+    missing = [i for i, path in torch_run.results["thumbnails"].items()
+               if base64.b64encode((torch_run.out / path).read_bytes()).decode("ascii") not in html]
+    assert not missing, missing
 
 
 def test_default_out_is_deterministic(dataset, monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:  # type: ignore[no-untyped-def]

@@ -87,15 +87,17 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[int, RunOutcome]:
     return {size: _audit(root / f"batch{size}", root / "data", size) for size in (64, 8)}
 
 
-# What issue 10 changed on purpose since the golden run; everything else must be as it was.
+# What issues 10 and 12 changed on purpose since the golden run; everything else must be as it was.
 POINTS = {"background": ("background.bg_gap", "background.only_bg_excess"), "predictions": ("predictions.accuracy_gap",)}
-NEW_METRICS = ("preprocessing.",)  # the preprocessing probe
+NEW_METRICS = ("preprocessing.", "embeddings.")  # the preprocessing probe (issue 10), the embeddings probe (issue 12)
 NEW_INTERVALS = ("background.bg_gap", "background.only_bg_excess")  # the swap rules' confirmations read their bounds
 # background-reliance v2 fails a high outside ratio when a counterfactual confirms it: the wolves'
 # BG-gap (0.42, lower bound above 0.10) does, so the warn the golden run gave is now a fail.
 NEW_STATUS = {("background-reliance", "class:wolf"): ("warn", "fail")}
 WRAPPER = "inner."  # the adapter's wrapper module; randomisation steps are named below it since issue 11
-NEW_FINDINGS = {"preprocessing-mismatch": ("convention:",), "class-recall-floor": ("domain:",), "calibration-error": ("domain:",)}
+NEW_FINDINGS = {"preprocessing-mismatch": ("convention:",), "class-recall-floor": ("domain:",), "calibration-error": ("domain:",),
+                "embedding-class-overlap": ("global", "class:", "pair:"), "label-noise-suspects": ("global",),
+                "embedding-outliers": ("global",)}
 
 
 def since_golden(golden: dict[str, Any], new: dict[str, Any]) -> tuple[dict[str, Any], list[dict[str, Any]]]:
@@ -103,8 +105,9 @@ def since_golden(golden: dict[str, Any], new: dict[str, Any]) -> tuple[dict[str,
     the golden run also judged. Intended: differences of shares are in points; a gallery sample with no
     ratio says None, not 0; rules whose version rose may word their messages and set their limits anew
     (their statuses and values are still compared); the added findings are per-domain recall and
-    calibration and preprocessing-mismatch; the added metrics are the preprocessing probe's and the
-    intervals of the BG-gap and object-removed excess; the wolves' background reliance fails (NEW_STATUS)."""
+    calibration and preprocessing-mismatch, and (issue 12) the embeddings probe's three rules; the added
+    metrics are the preprocessing and embeddings probes' and the intervals of the BG-gap and
+    object-removed excess; the wolves' background reliance fails (NEW_STATUS)."""
     golden = json.loads(json.dumps(golden))
     for probe, names in POINTS.items():
         for name in names:
@@ -136,8 +139,8 @@ def test_demo_smoke_audit_equals_the_golden_run(runs: dict[int, RunOutcome]) -> 
     problems = differences(golden["metrics"], new["metrics"], "metrics")
     added = set(new["metrics"]) - set(golden["metrics"])
     assert set(golden["metrics"]) <= set(new["metrics"]), "the redesign must not drop metrics"
-    assert all(k.startswith(NEW_METRICS) or (k.startswith(NEW_INTERVALS) and k.endswith((":lo", ":hi"))) for k in added), \
-        sorted(k for k in added if not k.startswith(NEW_METRICS))
+    unexpected = sorted(k for k in added if not (k.startswith(NEW_METRICS) or (k.startswith(NEW_INTERVALS) and k.endswith((":lo", ":hi")))))
+    assert not unexpected, unexpected
     extra = [(f["rule"], f["scope"]) for f in new["findings"] if f not in findings]
     assert all(f[1].startswith(NEW_FINDINGS.get(f[0], ("-none-",))) for f in extra), extra
     problems += differences([(f["rule"], f["scope"], f["status"]) for f in golden["findings"]],
@@ -157,9 +160,20 @@ def test_demo_smoke_audit_equals_the_golden_run(runs: dict[int, RunOutcome]) -> 
     added_thumbnails = set(new["thumbnails"]) - set(golden["thumbnails"])
     problems += differences(sorted(golden["thumbnails"]), sorted(set(new["thumbnails"]) - added_thumbnails), "thumbnails")
     new_evidence = {e for f in new["findings"] if f not in findings for e in f.get("evidence", [])}
-    assert added_thumbnails <= new_evidence, "only the added findings' evidence adds thumbnails"
+    assert added_thumbnails <= new_evidence | embeddings_shown(runs[64].out, new), \
+        "only the added findings' evidence and the embeddings section add thumbnails"
     assert new["run"]["verdict"] == golden["run"]["verdict"]
     assert not problems, "\n".join(problems[:40])
+
+
+def embeddings_shown(run: Path, results: dict[str, Any]) -> set[str]:
+    """The samples the embeddings section shows: its galleries' queries and neighbours, the suspects
+    and the outliers with their neighbours."""
+    details = results["probes"]["embeddings"]["details"]
+    shown = {e["id"] for e in details["gallery"]} | {n["id"] for e in details["gallery"] for n in e["neighbours"]}
+    shown |= set(details["suspects"]["shown"]) | set(details["outliers"])
+    table = pd.read_parquet(run / "samples" / "embeddings_neighbours.parquet").set_index("id")
+    return shown | {n for i in details["outliers"] for n in list(table.at[i, "neighbours"])[:5]}
 
 
 def table_differences(old_path: Path, new_path: Path) -> list[str]:
