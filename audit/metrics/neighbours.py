@@ -26,11 +26,16 @@ class Neighbours:
     method: str  # "exact" | "hnsw"
 
 
-def normalised(x: np.ndarray) -> np.ndarray:
-    """Rows scaled to unit length (an all-zero row stays zero: cosine distance 1 to everything)."""
+def normalised(x: np.ndarray, in_place: bool = False) -> np.ndarray:
+    """Rows scaled to unit length (an all-zero row stays zero: cosine distance 1 to everything).
+    `in_place` scales a float32 array where it lies, so a whole run's embedding is not held twice."""
     x = np.asarray(x, dtype=np.float32)
     norms = np.linalg.norm(x, axis=1, keepdims=True)
-    return x / np.where(norms > 0, norms, 1.0)
+    norms[norms == 0] = 1.0
+    if in_place:
+        x /= norms
+        return x
+    return x / norms
 
 
 def ann_available() -> bool:

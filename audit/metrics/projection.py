@@ -20,6 +20,14 @@ TSNE_MIN_SAMPLES = 10  # fewer give no meaningful neighbourhoods
 PERPLEXITY = 30.0
 
 
+def usable_cpus() -> int:
+    """CPUs this process may run on (its affinity mask, which containers and taskset narrow)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)
+
+
 @dataclass
 class Projection:
     pca: np.ndarray  # N x 2
@@ -49,7 +57,7 @@ def tsne(reduced: np.ndarray, seed: int, fit_rows: np.ndarray | None = None) -> 
     fit = np.arange(n) if fit_rows is None else np.asarray(fit_rows)
     perplexity = min(PERPLEXITY, max(2.0, (len(fit) - 1) / 3.0))
     model = TSNE(n_components=2, perplexity=perplexity, metric="euclidean", random_state=seed,
-                 negative_gradient_method="auto", n_jobs=max(1, os.cpu_count() or 1), verbose=False)
+                 negative_gradient_method="auto", n_jobs=usable_cpus(), verbose=False)
     embedding = model.fit(np.ascontiguousarray(reduced[fit], dtype=np.float64))
     out = np.zeros((n, 2), np.float32)
     out[fit] = np.asarray(embedding)

@@ -126,6 +126,7 @@ class Embeddings(Probe):
             raise ValueError("the stored embeddings do not follow the stage-one rows (their sample ids differ)")
         x = stored.values["embedding"]
         del stored
+        self.context.say(f"embeddings: nearest neighbours, silhouettes and maps of {len(rows)} samples")
         return EmbeddingAnalysis(self, rows, x, evidence).run()
 
 
@@ -137,7 +138,7 @@ class EmbeddingAnalysis:
         self.seed = probe.context.seed
         self.classes = probe.context.classes
         self.rows = rows
-        self.unit = normalised(x)
+        self.unit = normalised(x, in_place=True)  # the stored embedding, read for this reduce alone
         self.evidence = evidence
         names = np.asarray(self.classes, dtype=object)
         labels = rows["label"].to_numpy(np.int64)
@@ -175,6 +176,10 @@ class EmbeddingAnalysis:
         ev.thumbnails = self._thumbnails()
         return ev
 
+    def _rows(self, rows: np.ndarray) -> np.ndarray:
+        """The unit embedding of `rows`: the array itself when they are all of them, in order (no copy)."""
+        return self.unit if len(rows) == len(self.unit) and np.array_equal(rows, np.arange(len(self.unit))) else self.unit[rows]
+
     def _method(self, n: int) -> str:
         return "hnsw" if n > self.params.exact_limit and ann_available() else "exact"
 
@@ -192,7 +197,8 @@ class EmbeddingAnalysis:
 
     def _neighbours(self, searched: np.ndarray) -> None:
         """Every searched sample's neighbours among all searched samples: outliers and galleries."""
-        found = nearest(self.unit[searched], self.params.k, self._method(len(searched)))
+        found = nearest(self._rows(searched), self.params.k, self._method(len(searched)))
+        self._all = (searched, found)
         self.details["search"] = {"method": found.method, "samples": int(len(searched))}
         ids = self.table["id"].to_numpy()
         neighbour_ids = [None] * len(self.table)
@@ -229,7 +235,10 @@ class EmbeddingAnalysis:
             return
         k = len(self.classes)
         labels = self.labels[graph_rows]
-        found = nearest(self.unit[graph_rows], p.k, self._method(len(graph_rows)))
+        if np.array_equal(graph_rows, self._all[0]):  # every searched sample labelled: the same search
+            found = self._all[1]
+        else:
+            found = nearest(self._rows(graph_rows), p.k, self._method(len(graph_rows)))
         counts = neighbour_label_counts(found.index, labels, k)
         width = max(found.index.shape[1], 1)
         own = counts[np.arange(len(labels)), labels] / width
@@ -315,7 +324,7 @@ class EmbeddingAnalysis:
             chosen = detail_sample(self.table.iloc[rows].assign(_row=rows), SILHOUETTE_LIMIT, SILHOUETTE_LIMIT, self.seed)
             rows = np.sort(chosen["_row"].to_numpy())
             self.evidence.notes.append(f"silhouettes are computed on a stratified subset of {len(rows)} labelled samples (quadratic cost)")
-        values = silhouette_samples(self.unit[rows], self.labels[rows], metric="cosine")
+        values = silhouette_samples(self._rows(rows), self.labels[rows], metric="cosine")
         self.evidence.add("embeddings.silhouette", float(values.mean()), n=len(rows))
         for c, name in enumerate(self.classes):
             members = self.labels[rows] == c
