@@ -177,8 +177,9 @@ SCATTER_MAX_GROUPS = 20  # more classes than this are drawn in grey beyond the 1
 
 def scatter(x: Sequence[float], y: Sequence[float], groups: Sequence[str], order: Sequence[str] | None = None,
             xlabel: str = "", ylabel: str = "", colours: dict[str, str] | None = None) -> str:
-    """A 2-D projection, one colour per group, legend beside it. The points are rasterised inside the
-    SVG (tens of thousands of markers stay a small file); axes and legend stay vector."""
+    """A 2-D projection, one colour per group, legend below it (two maps fit side by side on A4). The
+    points are rasterised inside the SVG (tens of thousands of markers stay a small file); axes and
+    legend stay vector."""
     x, y, groups = np.asarray(x, float), np.asarray(y, float), np.asarray(groups, dtype=object)
     names = list(order) if order is not None else sorted({str(g) for g in groups})
     if len(names) > SCATTER_MAX_GROUPS:
@@ -192,7 +193,7 @@ def scatter(x: Sequence[float], y: Sequence[float], groups: Sequence[str], order
         palette[name] = SCATTER_COLOURS[i] if len(names) <= len(SCATTER_COLOURS) else cmap(i % 20)
     palette.setdefault("other", GREY)
     size = 4.0 if len(x) > 5000 else 9.0 if len(x) > 500 else 16.0
-    fig, ax = plt.subplots(figsize=(5.6, 3.6))
+    fig, ax = plt.subplots(figsize=(3.6, 3.0))
     for name in names:
         chosen = groups == name
         if chosen.any():
@@ -202,7 +203,8 @@ def scatter(x: Sequence[float], y: Sequence[float], groups: Sequence[str], order
     ax.set_ylabel(ylabel)
     ax.set_xticks([])
     ax.set_yticks([])
-    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False, markerscale=1.5, fontsize=7)
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.1), ncol=min(3, len(names)), frameon=False, markerscale=1.5,
+              fontsize=7, handletextpad=0.2, columnspacing=0.8)
     return _svg(fig)
 
 

@@ -58,7 +58,7 @@ class EmbeddingsView(ProbeView):
 
     def scatters(self) -> list[dict[str, str]]:
         """Each projection coloured by class, by right / wrong, and by domain when there are several:
-        {uri, title, caption}."""
+        {uri, title, caption}, one colouring after the other (t-SNE and PCA side by side)."""
         from audit.report.figures import data_uri, scatter
 
         rows = self.rows
@@ -68,23 +68,23 @@ class EmbeddingsView(ProbeView):
         outcome = np.where(correct.isna(), "unlabelled", np.where(correct.fillna(False).astype(bool), "right", "wrong"))
         domains = rows["domain"].fillna("(none)").astype(str)
         classes = [c for c in self.results.get("model", {}).get("classes") or [] if c in set(rows["class"])] or None
-        out = []
-        for key, name in PROJECTIONS:
-            if f"{key}_x" not in rows or rows[f"{key}_x"].isna().all():
-                continue
+        drawn = [(key, name) for key, name in PROJECTIONS if f"{key}_x" in rows and rows[f"{key}_x"].notna().any()]
+        by_class, by_outcome, by_domain = [], [], []
+        for key, name in drawn:
             x, y = rows[f"{key}_x"], rows[f"{key}_y"]
             axis = self._axes(key, name)
-            out.append({"title": f"{name}, by class", "uri": data_uri(scatter(x, y, rows["class"].astype(str), classes, *axis)),
-                        "caption": f"Each dot a sample, coloured by its label (the prediction where it has none): classes the "
-                                   f"model keeps apart form separate islands; mixed colours mark classes it confuses. {self._reading(key)}"})
-            out.append({"title": f"{name}, right and wrong", "uri": data_uri(scatter(x, y, outcome, list(CORRECTNESS), *axis, colours=CORRECTNESS)),
-                        "caption": "The same map coloured by whether the model is right: mistakes inside another class's island are "
-                                   "confident confusions or wrong labels; mistakes on a border are hard cases."})
+            by_class.append({"title": f"{name}, by class", "uri": data_uri(scatter(x, y, rows["class"].astype(str), classes, *axis)),
+                             "caption": f"Each dot a sample, coloured by its label (the prediction where it has none): classes the "
+                                        f"model keeps apart form separate islands; mixed colours mark classes it confuses. {self._reading(key)}"})
+            by_outcome.append({"title": f"{name}, right and wrong",
+                               "uri": data_uri(scatter(x, y, outcome, list(CORRECTNESS), *axis, colours=CORRECTNESS)),
+                               "caption": "The same map coloured by whether the model is right: mistakes inside another class's "
+                                          "island are confident confusions or wrong labels; mistakes on a border are hard cases."})
             if domains.nunique() > 1:
-                out.append({"title": f"{name}, by domain", "uri": data_uri(scatter(x, y, domains, sorted(domains.unique()), *axis)),
-                            "caption": "The same map coloured by domain: where one domain forms regions of its own, the model "
-                                       "sees the domains differently (see the domain findings)."})
-        return out
+                by_domain.append({"title": f"{name}, by domain", "uri": data_uri(scatter(x, y, domains, sorted(domains.unique()), *axis)),
+                                  "caption": "The same map coloured by domain: where one domain forms regions of its own, the model "
+                                             "sees the domains differently (see the domain findings)."})
+        return by_class + by_outcome + by_domain
 
     def _axes(self, key: str, name: str) -> tuple[str, str]:
         if key == "pca":
