@@ -17,8 +17,9 @@ import pandas as pd
 import pytest
 
 from audit.execution.local import MapArrayWriter
-from audit.metrics.neighbours import far_out, label_suspects, nearest, neighbour_label_counts, pair_agreement
+from audit.metrics.neighbours import far_out, label_suspects, nearest, neighbour_label_counts, normalised, pair_agreement, silhouettes
 from audit.store import ArrayTable, RunStore
+from tests.conftest import onnx_conversion_forbidden
 from tests.planted import Planted, write_planted
 
 
@@ -29,26 +30,52 @@ def clustered(n: int = 400, f: int = 16, classes: int = 4, seed: int = 0) -> tup
     return (centres[labels] + rng.normal(size=(n, f))).astype(np.float32), labels
 
 
-def test_exact_neighbours_are_scikit_learns_without_the_sample_itself() -> None:
-    from sklearn.metrics.pairwise import cosine_distances
+@pytest.fixture(params=["torch", "faiss"])
+def exact_backend(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Each exact search: torch's blocks of top-k (cut into blocks of 7 rows of 120 here), faiss's flat index."""
+    import audit.metrics.neighbours as module
+
+    if request.param == "faiss":
+        pytest.importorskip("faiss")
+    else:
+        monkeypatch.setattr(module, "ann_available", lambda: False)
+        monkeypatch.setattr(module, "BLOCK_BYTES", 4 * 120 * 7)
+    return str(request.param)
+
+
+def test_exact_neighbours_are_scikit_learns_without_the_sample_itself(exact_backend: str) -> None:
+    from sklearn.neighbors import NearestNeighbors
 
     x, _ = clustered(120)
     found = nearest(x, 10)
-    d = cosine_distances(x.astype(np.float64))
-    np.fill_diagonal(d, np.inf)
-    expected = np.argsort(d, axis=1, kind="stable")[:, :10]
+    distance, index = NearestNeighbors(n_neighbors=11, metric="cosine", algorithm="brute").fit(x.astype(np.float64)).kneighbors()
     assert found.method == "exact" and found.index.shape == (120, 10)
     assert not (found.index == np.arange(120)[:, None]).any()
-    np.testing.assert_allclose(found.distance, np.take_along_axis(d, expected, axis=1), atol=1e-5)
-    assert (found.index == expected).mean() > 0.99  # ties may order differently
+    np.testing.assert_allclose(found.distance, distance[:, :10], atol=1e-5)
+    assert (found.index == index[:, :10]).mean() > 0.99  # ties may order differently
 
 
-def test_duplicates_never_count_a_sample_as_its_own_neighbour() -> None:
+def test_duplicates_never_count_a_sample_as_its_own_neighbour(exact_backend: str) -> None:
     x = np.repeat(np.eye(3, dtype=np.float32), 4, axis=0)  # every row has three exact copies
     found = nearest(x, 3)
     assert not (found.index == np.arange(12)[:, None]).any()
     assert (found.index // 4 == np.arange(12)[:, None] // 4).all()
     np.testing.assert_allclose(found.distance, 0, atol=1e-6)
+
+
+def test_silhouettes_are_scikit_learns() -> None:
+    """The linear-time cosine silhouette against scikit-learn's pairwise one, with a class of one
+    sample (silhouette 0), an empty class and an all-zero row."""
+    from sklearn.metrics import silhouette_samples
+
+    x, labels = clustered(300, classes=4)
+    labels = np.where(labels == 3, 4, labels)  # class 3 empty
+    labels[0] = 5  # a class of one
+    x[7] = 0.0
+    unit = normalised(x)
+    values = silhouettes(unit, labels, 6)
+    np.testing.assert_allclose(values, silhouette_samples(unit, labels, metric="cosine"), atol=1e-5)
+    assert values[0] == 0.0
 
 
 def test_hnsw_finds_the_exact_neighbours() -> None:
@@ -150,25 +177,10 @@ def _audit(data: Planted, manifest: Path, model: list[str], out: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def planted_runs(tmp_path_factory: pytest.TempPathFactory) -> PlantedRuns:
-    import onnx2torch
-
-    import audit.models.onnx_adapter as onnx_adapter_module
-
     root = tmp_path_factory.mktemp("planted")
     data = write_planted(root / "data")
     torch_model = [f"{data.model_py}:build", str(data.weights)]
-    attempts: list[str] = []
-
-    def refuse(*_args: object, **_kwargs: object) -> tuple[None, str]:
-        attempts.append("convert_to_torch")
-        return None, "disabled for the test"
-
-    def forbidden(*_args: object, **_kwargs: object) -> None:
-        raise AssertionError("onnx2torch.convert called")
-
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(onnx_adapter_module, "convert_to_torch", refuse)
-        patch.setattr(onnx2torch, "convert", forbidden)
+    with onnx_conversion_forbidden() as attempts:
         onnx = _audit(data, data.manifest, [str(data.onnx)], root / "onnx")
     return PlantedRuns(data, _audit(data, data.manifest, torch_model, root / "planted"),
                        _audit(data, data.clean_manifest, torch_model, root / "clean"), onnx, attempts)

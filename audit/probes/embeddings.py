@@ -36,6 +36,7 @@ from audit.metrics.neighbours import (
     neighbour_label_counts,
     normalised,
     pair_agreement,
+    silhouettes,
 )
 from audit.metrics.projection import TSNE_LIMIT, TSNE_MIN_SAMPLES, pca, tsne
 from audit.probes.base import Evidence, MapOutput, Probe, ProbeData, ProbeParams, Taps
@@ -44,7 +45,6 @@ from audit.probes.sampling import detail_sample
 from audit.store import ArrayTable
 
 PAIRS_RECORDED = 10  # most overlapping class pairs recorded as metrics (and judged)
-SILHOUETTE_LIMIT = 10_000  # silhouette is quadratic in the samples: above this, a stratified subset
 GALLERY_NEIGHBOURS = 5  # neighbours shown beside each gallery query
 
 
@@ -315,16 +315,10 @@ class EmbeddingAnalysis:
         return out
 
     def _silhouette(self) -> None:
-        from sklearn.metrics import silhouette_samples
-
         rows = np.flatnonzero(self.labelled)
         if len(np.unique(self.labels[rows])) < 2 or len(rows) < 3:
             return
-        if len(rows) > SILHOUETTE_LIMIT:
-            chosen = detail_sample(self.table.iloc[rows].assign(_row=rows), SILHOUETTE_LIMIT, SILHOUETTE_LIMIT, self.seed)
-            rows = np.sort(chosen["_row"].to_numpy())
-            self.evidence.notes.append(f"silhouettes are computed on a stratified subset of {len(rows)} labelled samples (quadratic cost)")
-        values = silhouette_samples(self._rows(rows), self.labels[rows], metric="cosine")
+        values = silhouettes(self._rows(rows), self.labels[rows], len(self.classes))
         self.evidence.add("embeddings.silhouette", float(values.mean()), n=len(rows))
         for c, name in enumerate(self.classes):
             members = self.labels[rows] == c
