@@ -44,18 +44,8 @@ RUN_ENTRIES = frozenset({RESULTS, *REPORT_FILES, *RUN_FOLDERS})  # what a run wr
 
 def atomic_write(path: Path, data: bytes) -> None:
     """Write via a temporary file and rename, so a reader never sees half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.fchmod(fd, 0o666 & ~_UMASK)
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with streamed_write(path) as out:
+        out.write(data)
 
 
 def _json_default(value: Any) -> Any:

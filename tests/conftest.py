@@ -4,8 +4,10 @@ expensive CLI runs (smoke profile), built once per session and shared by the tes
 
 from __future__ import annotations
 
+import contextlib
 import json
 import textwrap
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -117,6 +119,29 @@ def export_onnx(model, path: Path, opset: int = 17, **kwargs) -> None:  # type: 
         torch.onnx.export(model, (torch.zeros(1, 3, SIZE, SIZE),), str(path), dynamo=False, opset_version=opset,
                           input_names=kwargs.pop("input_names", ["input"]), output_names=kwargs.pop("output_names", ["logits"]),
                           **kwargs)
+
+
+@contextlib.contextmanager
+def onnx_conversion_forbidden() -> Iterator[list[str]]:
+    """onnx2torch disabled: loading an ONNX model records the attempt (in the list it yields), any
+    later call fails the test; proves a feature works through onnxruntime alone."""
+    import onnx2torch
+
+    from audit.models import onnx_adapter
+
+    attempts: list[str] = []
+
+    def refuse(*_args: object, **_kwargs: object) -> tuple[None, str]:
+        attempts.append("convert_to_torch")
+        return None, "disabled for the test"
+
+    def forbidden(*_args: object, **_kwargs: object) -> None:
+        raise AssertionError("onnx2torch.convert called")
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(onnx_adapter, "convert_to_torch", refuse)
+        patch.setattr(onnx2torch, "convert", forbidden)
+        yield attempts
 
 
 @pytest.fixture(scope="session")

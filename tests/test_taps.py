@@ -16,7 +16,7 @@ from torch import nn
 
 from audit.errors import TapError
 from audit.models import InputSpec, ModelAdapter, load_model
-from audit.models import onnx_adapter as onnx_adapter_module
+from tests.conftest import onnx_conversion_forbidden
 
 SIZE = 16
 FACTORY = "tests.test_taps"
@@ -122,22 +122,10 @@ def node(path: Path, name: str) -> onnx.NodeProto:
 
 
 @pytest.fixture
-def no_conversion(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[str]]:
+def no_conversion() -> Iterator[list[str]]:
     """onnx2torch disabled: loading records the attempt, any later call fails the test."""
-    import onnx2torch
-
-    attempts: list[str] = []
-
-    def refuse(*_args: object, **_kwargs: object) -> tuple[None, str]:
-        attempts.append("convert_to_torch")
-        return None, "disabled for the test"
-
-    def forbidden(*_args: object, **_kwargs: object) -> None:
-        raise AssertionError("onnx2torch.convert called")
-
-    monkeypatch.setattr(onnx_adapter_module, "convert_to_torch", refuse)
-    monkeypatch.setattr(onnx2torch, "convert", forbidden)
-    yield attempts
+    with onnx_conversion_forbidden() as attempts:
+        yield attempts
 
 
 def torch_cnn(**kwargs: object) -> ModelAdapter:
