@@ -193,7 +193,7 @@ def scatter(x: Sequence[float], y: Sequence[float], groups: Sequence[str], order
         palette[name] = SCATTER_COLOURS[i] if len(names) <= len(SCATTER_COLOURS) else cmap(i % 20)
     palette.setdefault("other", GREY)
     size = 4.0 if len(x) > 5000 else 9.0 if len(x) > 500 else 16.0
-    fig, ax = plt.subplots(figsize=(3.6, 3.0))
+    fig, ax = plt.subplots(figsize=(3.6, 2.6))
     for name in names:
         chosen = groups == name
         if chosen.any():
