@@ -17,7 +17,10 @@ import pandas as pd
 import pytest
 
 from audit.execution.local import MapArrayWriter
+from audit.metrics.declarations import MetricSpec
 from audit.metrics.neighbours import far_out, label_suspects, nearest, neighbour_label_counts, normalised, pair_agreement, silhouettes
+from audit.probes.base import Consumes, Evidence, Probe, ProbeData, Taps
+from audit.probes.registry import _REGISTRY, register
 from audit.store import ArrayTable, RunStore
 from tests.conftest import onnx_conversion_forbidden
 from tests.planted import Planted, write_planted
@@ -129,7 +132,6 @@ def test_stage_one_arrays_are_streamed_in_hashed_chunks(tmp_path: Path) -> None:
 
 
 def _analysis(x: np.ndarray, labels: np.ndarray, **params: object):  # type: ignore[no-untyped-def]
-    from audit.probes.base import Evidence
     from audit.probes.embeddings import EmbeddingAnalysis, EmbeddingsParams
 
     classes = tuple(f"c{i}" for i in range(labels.max() + 1))
@@ -164,12 +166,12 @@ class PlantedRuns:
     conversion_attempts: list[str]
 
 
-def _audit(data: Planted, manifest: Path, model: list[str], out: Path) -> Path:
+def _audit(data: Planted, manifest: Path, model: list[str], out: Path, probes: list[str] | None = None) -> Path:
     from audit.api import run_audit
     from audit.config import build_config
 
     values = {"model": model[0], "manifest": str(manifest), "classes": data.classes_file.read_text().split(),
-              "mean": [0.5] * 3, "std": [0.5] * 3, "probes": ["predictions", "embeddings"], "profile": "smoke",
+              "mean": [0.5] * 3, "std": [0.5] * 3, "probes": probes or ["predictions", "embeddings"], "profile": "smoke",
               "out": out, "quiet": True, "sample_images": True, **({"weights": model[1]} if len(model) > 1 else {})}
     run_audit(build_config({}, values))
     return out
@@ -260,3 +262,41 @@ def test_the_section_draws_maps_pairs_galleries_and_suspects(planted_runs: Plant
     assert "by domain" not in section  # one domain: no domain colouring
     outliers = _results(planted_runs.planted)["probes"]["embeddings"]["details"]["outliers"]
     assert section.count('class="gallery neighbours"') == 8 + len(outliers)  # the worst-agreeing samples, then the outliers
+
+
+class EmbeddingReader(Probe):
+    """A later probe (domain shift, regression comparison) as the contract serves it: it declares
+    the embeddings table and reads the stored array in its reduce, never the embeddings probe."""
+
+    name = "embedding_reader"
+    title = "Reads the stored embeddings"
+    question = "Can a later probe read the embeddings?"
+    consumes = (Consumes("embeddings"),)
+    metrics = (MetricSpec("embedding_reader.rows", ("global",), "count", "embedding rows read"),)
+
+    def map(self, batch, taps: Taps) -> pd.DataFrame:  # type: ignore[no-untyped-def]
+        return pd.DataFrame({"id": batch.ids})
+
+    def reduce(self, data: ProbeData) -> Evidence:
+        stored = data.inputs.array("embeddings")
+        assert stored is not None
+        evidence = Evidence()
+        evidence.add("embedding_reader.rows", len(stored))
+        evidence.details = {"ids": stored.keys["id"].astype(str).tolist(), "sum": float(stored.values["embedding"].astype(np.float64).sum())}
+        return evidence
+
+
+def test_a_later_probe_reads_the_stored_embeddings_through_the_contract(planted_runs: PlantedRuns, tmp_path: Path) -> None:
+    register(EmbeddingReader)
+    try:
+        data = planted_runs.data
+        run = _audit(data, data.manifest, [f"{data.model_py}:build", str(data.weights)], tmp_path / "reader",
+                     probes=["embeddings", "embedding_reader"])
+    finally:
+        _REGISTRY.pop(EmbeddingReader.name)
+    probe = _results(run)["probes"]["embedding_reader"]
+    assert probe["status"] == "ok", probe
+    stored = RunStore(planted_runs.planted).read_array("embeddings")
+    assert probe["details"]["ids"] == stored.keys["id"].tolist()
+    assert probe["details"]["sum"] == pytest.approx(float(stored.values["embedding"].astype(np.float64).sum()), rel=1e-6)
+    assert _results(run)["metrics"]["embedding_reader.rows"] == 630
