@@ -6,9 +6,10 @@ SIGTERM is handled like SIGINT: one line, the earlier run intact (the run folder
 from __future__ import annotations
 
 import argparse
+import contextlib
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -27,6 +28,37 @@ class Terminated(BaseException):
 
 def _on_sigterm(signum: int, frame: Any) -> None:
     raise Terminated
+
+
+def _redeliver_swallowed(unraisable: Any) -> None:
+    """sys.unraisablehook while the CLI runs. A signal's exception raised inside a callback whose
+    exceptions Python ignores (a weakref callback or __del__ run by the garbage collector) would be
+    lost and the audit run on to its end (seen: a SIGTERM exited 1, not 143). The signal is sent
+    again a moment later, when the main thread is back in ordinary code."""
+    again = {Terminated: signal.SIGTERM, KeyboardInterrupt: signal.SIGINT}.get(unraisable.exc_type)
+    if again is None:
+        sys.__unraisablehook__(unraisable)
+        return
+    import os
+    import threading
+
+    threading.Timer(0.05, os.kill, (os.getpid(), again)).start()
+
+
+@contextlib.contextmanager
+def termination_signals() -> Iterator[None]:
+    """SIGTERM raises Terminated (like SIGINT's KeyboardInterrupt), and neither is lost in a callback;
+    both restored afterwards. Only the main thread can set signal handlers."""
+    if not _main_thread():
+        yield
+        return
+    previous, hook = signal.signal(signal.SIGTERM, _on_sigterm), sys.unraisablehook
+    sys.unraisablehook = _redeliver_swallowed
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        sys.unraisablehook = hook
 
 
 class _Parser(argparse.ArgumentParser):
@@ -317,9 +349,9 @@ COMMANDS = {"run": _cmd_run, "render": _cmd_render, "rules": _cmd_rules, "probes
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_arguments(build_parser(), argv)
-    previous = signal.signal(signal.SIGTERM, _on_sigterm) if _main_thread() else None
     try:
-        return COMMANDS[args.command](args)
+        with termination_signals():
+            return COMMANDS[args.command](args)
     except KeyboardInterrupt:
         print("model-audit: interrupted; an earlier run in the output folder is intact", file=sys.stderr)
         return EXIT_INTERRUPTED
@@ -346,9 +378,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         if os.environ.get("MODEL_AUDIT_DEBUG"):
             raise
         return EXIT_INPUT
-    finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
 
 
 def parse_arguments(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> argparse.Namespace:
