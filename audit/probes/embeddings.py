@@ -28,6 +28,7 @@ from audit.metrics.declarations import ColumnSpec, MetricSpec, TableSpec
 from audit.metrics.names import pair, scope
 from audit.metrics.neighbours import (
     EXACT_LIMIT,
+    Neighbours,
     ann_available,
     class_overlap,
     far_out,
@@ -167,8 +168,7 @@ class EmbeddingAnalysis:
         ev.add("embeddings.n", len(self.rows))
         ev.add("embeddings.dimensions", self.unit.shape[1])
         searched = self._searched()
-        self._neighbours(searched)
-        self._agreement(searched)
+        self._agreement(searched, self._neighbours(searched))
         self._silhouette()
         self._projections()
         ev.details = self.details
@@ -195,18 +195,18 @@ class EmbeddingAnalysis:
             f"{len(chosen)} samples")
         return np.sort(chosen["_row"].to_numpy())
 
-    def _neighbours(self, searched: np.ndarray) -> None:
-        """Every searched sample's neighbours among all searched samples: outliers and galleries."""
+    def _neighbours(self, searched: np.ndarray) -> Neighbours:
+        """Every searched sample's neighbours among all searched samples: outliers and galleries.
+        Returns the search, which the agreement reuses when every searched sample is labelled."""
         found = nearest(self._rows(searched), self.params.k, self._method(len(searched)))
-        self._all = (searched, found)
         self.details["search"] = {"method": found.method, "samples": int(len(searched))}
         ids = self.table["id"].to_numpy()
         neighbour_ids = [None] * len(self.table)
         distances = [None] * len(self.table)
         kth = np.full(len(self.table), np.nan)
-        for position, row in enumerate(searched):
-            neighbour_ids[row] = ids[searched[found.index[position]]].tolist()
-            distances[row] = found.distance[position].astype(float).round(6).tolist()
+        found_ids, found_distances = ids[searched][found.index].tolist(), found.distance.astype(float).round(6).tolist()
+        for row, near, far in zip(searched.tolist(), found_ids, found_distances, strict=True):
+            neighbour_ids[row], distances[row] = near, far
         if found.index.shape[1]:
             kth[searched] = found.distance[:, -1]
         self.table["neighbours"] = neighbour_ids
@@ -220,8 +220,9 @@ class EmbeddingAnalysis:
         self.details["outliers"] = self.table.loc[outlier].sort_values("kth_distance", ascending=False)["id"].head(self.params.gallery).tolist()
         if len(valid):
             self.evidence.add("embeddings.outlier_share", float(outlier.sum() / len(valid)), n=len(valid))
+        return found
 
-    def _agreement(self, searched: np.ndarray) -> None:
+    def _agreement(self, searched: np.ndarray, searched_neighbours: Neighbours) -> None:
         """Agreement, pairs and suspects, on the labelled samples' neighbours among labelled samples."""
         p, ev = self.params, self.evidence
         graph_rows = searched[self.labelled[searched]]
@@ -235,8 +236,8 @@ class EmbeddingAnalysis:
             return
         k = len(self.classes)
         labels = self.labels[graph_rows]
-        if np.array_equal(graph_rows, self._all[0]):  # every searched sample labelled: the same search
-            found = self._all[1]
+        if len(graph_rows) == len(searched):  # every searched sample labelled: the same search
+            found = searched_neighbours
         else:
             found = nearest(self._rows(graph_rows), p.k, self._method(len(graph_rows)))
         counts = neighbour_label_counts(found.index, labels, k)
